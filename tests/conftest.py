@@ -1,0 +1,64 @@
+"""Shared fixtures: the real embedded model, a tiny random model with the same tokenizer, data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from supportlm.modeling import prepare_model_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BITEXT_CSV = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct, converted once to a safetensors folder (cached)."""
+    return prepare_model_dir("embedded")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: str):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> str:
+    """A tiny random Llama (2 layers, width 64) with SmolLM2's real tokenizer and chat template.
+
+    Fast enough to train and serve in tests; its text is gibberish, so tests on it assert
+    mechanics (shapes, streaming, storage), never quality.
+    """
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def bitext_csv() -> Path:
+    if not BITEXT_CSV.is_file():
+        pytest.skip("the Bitext sample (../shared/data/bitext-customer-support) is not present")
+    return BITEXT_CSV
