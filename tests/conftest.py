@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# No test may reach the Hugging Face Hub (none is reachable in CI); offline mode makes a Hub id
+# fail at once instead of after a minute of retries. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
