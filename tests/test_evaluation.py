@@ -1,0 +1,150 @@
+"""finetune/evaluate.py end to end on the tiny model with a random (non-zero) LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from supportlm.data import load_examples, sample_examples, split_examples
+from supportlm.evaluation import METRICS, TRAINING_CONFIG_FILE
+from supportlm.prompts import save_prompt_style
+
+EVALUATE = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
+SYSTEM_PROMPT = "You are the support assistant of a small kitchenware shop."
+RECORDS = [
+    ("How do I cancel my order?", "Open My Orders, pick the order and press Cancel.", "chat"),
+    ("Where is my parcel?", "Your tracking link is in the shipping confirmation email.", "chat"),
+    ("Can I pay with PayPal?", "Yes, we accept PayPal, cards and bank transfer.", "chat"),
+    ("Do you ship to Norway?", "Yes, delivery to Norway takes four to six working days.", "chat"),
+    (
+        "Summarise the following customer-service text in one short paragraph.\n\nText:\n"
+        "Customer: my pan arrived dented. Agent: sorry, we will send a new one today.",
+        "A customer's pan arrived dented and the agent promised a replacement today.",
+        "summarize",
+    ),
+    (
+        "Translate the following text into French. Reply with the translation only.\n\nText:\n"
+        "Your refund has been issued.",
+        "Votre remboursement a été effectué.",
+        "translate",
+    ),
+]
+
+
+def _write_jsonl(path: Path) -> Path:
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer},
+                ],
+                "task": task,
+            }
+        )
+        for question, answer, task in RECORDS
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return _write_jsonl(tmp_path_factory.mktemp("data") / "support.jsonl")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer, dataset) -> Path:
+    """A LoRA adapter as finetune/train.py writes it, with random B so that tuned != base."""
+    folder = tmp_path_factory.mktemp("adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # init_lora_weights=False keeps B random instead of zero: the adapter changes the output.
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(folder)
+    save_prompt_style(folder, smollm2_tokenizer, SYSTEM_PROMPT)
+    training_config = {
+        "model_name_or_path": tiny_model_dir,
+        "dataset": str(dataset),
+        "max_seq_length": 256,
+        "validation_ratio": 0.0,
+        "test_ratio": 0.5,
+    }
+    (folder / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(training_config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluate_main():
+    return runpy.run_path(str(EVALUATE), run_name="evaluate_cli")["main"]
+
+
+def test_adapter_is_compared_with_base_on_its_held_out_split(
+    evaluate_main, adapter_dir, dataset, tmp_path
+):
+    output = tmp_path / "eval.json"
+    status = evaluate_main(
+        ["--adapter", str(adapter_dir), "--output", str(output), "--max_new_tokens", "8"]
+    )
+    assert status == 0
+    report = json.loads(output.read_text())
+
+    # The same hash split training used: test_ratio 0.5 of the adapter's data, nothing else.
+    examples, _ = load_examples(dataset)
+    held_out = split_examples(examples, validation_ratio=0.0, test_ratio=0.5)["test"]
+    assert 0 < report["n_examples"] == len(held_out) < len(RECORDS)
+    assert report["split"] == "test"
+    assert {e["question"] for e in report["examples"]} == {
+        e.messages[0]["content"] for e in held_out
+    }
+    assert report["adapter"] == str(adapter_dir)
+    assert report["dataset"] == str(dataset)
+    assert report["system_prompt"] == SYSTEM_PROMPT
+
+    for variant in ("base", "tuned"):
+        assert set(METRICS) <= set(report[variant])
+        assert all(isinstance(report[variant][m], float) for m in METRICS)
+    # The adapter really is switched on for "tuned" and off for "base".
+    assert report["base"]["perplexity"] != report["tuned"]["perplexity"]
+    assert any(e["base"] != e["tuned"] for e in report["examples"])
+    assert set(report["by_task"]) <= {"chat", "summarize", "translate"}
+    assert sum(task["n_examples"] for task in report["by_task"].values()) == report["n_examples"]
+
+    markdown = output.with_suffix(".md").read_text()
+    assert "| perplexity |" in markdown and "**Tuned**" in markdown
+    assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_base_only_with_limit_takes_a_deterministic_sample(
+    evaluate_main, tiny_model_dir, dataset, tmp_path
+):
+    output = tmp_path / "base.json"
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset", str(dataset), "--limit", "3"]
+    argv += ["--max_new_tokens", "4", "--output", str(output)]
+    assert evaluate_main(argv) == 0
+    report = json.loads(output.read_text())
+    assert report["tuned"] is None and report["adapter"] is None
+    # No training data to hold out: every example is eligible, and --limit picks 3 of them.
+    assert report["split"] == "all"
+    assert report["n_available"] == len(RECORDS)
+    assert report["n_examples"] == 3
+    expected = sample_examples(load_examples(dataset)[0], 3)
+    assert [e["question"] for e in report["examples"]] == [
+        e.messages[0]["content"] for e in expected
+    ]
+    assert (
+        "tuned" not in output.with_suffix(".md").read_text().lower().split("# evaluation")[1][:40]
+    )
+
+
+def test_missing_adapter_is_a_clear_error(evaluate_main, tmp_path, capsys):
+    status = evaluate_main(["--adapter", str(tmp_path / "no-such-run"), "--limit", "2"])
+    assert status == 2
+    assert capsys.readouterr().err.startswith(f"error: Adapter folder {tmp_path / 'no-such-run'}")
