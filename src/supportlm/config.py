@@ -1,0 +1,384 @@
+"""Configuration of `finetune/train.py`: one dataclass per concern, parsed by `TrlParser`.
+
+A checked-in YAML (``finetune/configs/default.yaml``) is the default run; command-line flags
+override it; unknown flags and unknown YAML keys are errors, so a typo never silently trains the
+wrong thing. Every dataclass validates itself in ``__post_init__``, before any model is loaded.
+
+The training arguments are TRL's `SFTConfig` (Hugging Face names: ``output_dir``, ``max_steps``,
+``learning_rate``…) with CPU-friendly defaults and ``early_stopping_patience`` added. Two
+`SFTConfig` fields are owned elsewhere so each setting has one source of truth:
+``max_length`` is set from ``--max_seq_length`` (`DataArguments`), and ``assistant_only_loss``
+lives in `DataArguments` because the label mask is built by `supportlm.prompts`, not by TRL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import IntervalStrategy
+from trl import SFTConfig, TrlParser
+
+from supportlm.data import DEFAULT_DATASET, REPO_ROOT
+from supportlm.errors import SupportLMError
+from supportlm.modeling import (
+    DTYPE_CHOICES,
+    EMBEDDED_MODEL,
+    QUANTIZATION_CHOICES,
+    ModelSource,
+    resolve_model,
+)
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
+
+#: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
+OUTPUTS_DIR = Path("outputs")
+
+_DATASET_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+@dataclass
+class ModelArguments:
+    """Which base model to adapt, and how to load it."""
+
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={
+            "help": "Base model: 'embedded' (SmolLM2-135M-Instruct shipped with the package), a "
+            ".gguf file, a local model folder or a Hugging Face Hub id."
+        },
+    )
+    quantization: str = field(
+        default="auto",
+        metadata={
+            "help": "Weight quantisation of the frozen base: 4bit (QLoRA), 8bit or none; auto "
+            "picks 4bit on a CUDA GPU and none on a CPU.",
+            "choices": list(QUANTIZATION_CHOICES),
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute dtype; auto picks bf16 on GPUs that have it and float32 on a CPU.",
+            "choices": list(DTYPE_CHOICES),
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "Device to train on: auto, cpu, cuda, cuda:1…"}
+    )
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={
+            "help": "System prompt prepended to every training conversation and saved next to "
+            "the adapter, so the app serves with the prompt the model was trained with."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise SupportLMError(
+                f"Unknown quantization {self.quantization!r}; choose one of "
+                f"{', '.join(QUANTIZATION_CHOICES)}."
+            )
+        if self.dtype not in DTYPE_CHOICES:
+            raise SupportLMError(
+                f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}."
+            )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device):
+            raise SupportLMError(f"Unknown device {self.device!r}; use auto, cpu or cuda[:N].")
+        # Resolving reads no weights but rejects a missing folder or file right away.
+        self.source: ModelSource = resolve_model(self.model_name_or_path)
+
+
+@dataclass
+class DataArguments:
+    """Which conversations to train on, and how to cut them."""
+
+    dataset: str = field(
+        default=DEFAULT_DATASET,
+        metadata={
+            "help": "Training data: a .jsonl/.csv/.json file (chat, instruction/response, alpaca "
+            "or sharegpt records) or a Hugging Face dataset id."
+        },
+    )
+    max_seq_length: int = field(
+        default=512,
+        metadata={
+            "help": "Longest conversation in tokens (system prompt and template included); longer "
+            "ones are dropped, never cut mid-answer. Also TRL's `max_length`."
+        },
+    )
+    validation_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Share of questions held out for validation (early stopping)."},
+    )
+    test_ratio: float = field(
+        default=0.1, metadata={"help": "Share of questions held out for finetune/evaluate.py."}
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Fail on the first malformed record instead of skipping it."},
+    )
+    max_examples: int | None = field(
+        default=None,
+        metadata={"help": "Keep a deterministic sample of this many examples (quick runs)."},
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss on assistant answers only (labels -100 on system and user "
+            "turns); false trains on every token."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 16:
+            raise SupportLMError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
+        for name in ("validation_ratio", "test_ratio"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise SupportLMError(f"{name} must be in [0, 1), got {value}.")
+        if self.validation_ratio + self.test_ratio >= 1:
+            raise SupportLMError("validation_ratio + test_ratio must leave examples to train on.")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise SupportLMError(f"max_examples must be at least 1, got {self.max_examples}.")
+        if self.dataset.endswith(_DATASET_SUFFIXES) and not _dataset_file_exists(self.dataset):
+            raise SupportLMError(f"Dataset file {self.dataset} does not exist.")
+
+
+def _dataset_file_exists(dataset: str) -> bool:
+    path = Path(dataset).expanduser()
+    return path.is_file() or (not path.is_absolute() and (REPO_ROOT / path).is_file())
+
+
+@dataclass
+class LoraArguments:
+    """The LoRA adapter: what is trained while the base stays frozen."""
+
+    lora_r: int = field(
+        default=16, metadata={"help": "Rank of the update matrices: more capacity, more memory."}
+    )
+    lora_alpha: int = field(
+        default=32, metadata={"help": "Scale of the update (alpha / r multiplies it)."}
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "Dropout on the adapter input: regularises small data."}
+    )
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Layers that get an adapter: 'all-linear' (every linear layer but the output "
+            "head) or a comma-separated list such as 'q_proj,v_proj'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise SupportLMError(f"lora_r must be at least 1, got {self.lora_r}.")
+        if self.lora_alpha <= 0:
+            raise SupportLMError(f"lora_alpha must be positive, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise SupportLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not self.lora_target_modules.strip():
+            raise SupportLMError("lora_target_modules must name at least one layer.")
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        if self.lora_target_modules == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    def to_peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class TrainingArguments(SFTConfig):
+    """TRL's `SFTConfig` with defaults for small models on a CPU, plus early stopping."""
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the adapter, checkpoints, metrics and model card are written; default "
+            "outputs/<run name>, e.g. outputs/smollm2-support."
+        },
+    )
+    # TRL turns activation checkpointing on by default; a 135M-parameter model's activations fit
+    # in memory, and recomputing them costs ~30% more time. Set `activation_checkpointing` (the
+    # transformers 5 name) to trade that time for memory on bigger models.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (off by default here)."},
+    )
+    # TRL turns bf16 on by default; it is emulated (slow) on CPUs without AMX/AVX512-BF16.
+    bf16: bool | None = field(
+        default=False,
+        metadata={"help": "bf16 mixed precision (autocast): on for GPUs that have bf16."},
+    )
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "Peak AdamW learning rate (LoRA tolerates ~10x full FT)."}
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "Sampler: group_by_length batches similar lengths together (less padding, "
+            "faster), random, sequential or batch_rebalance.",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
+    )
+    eval_strategy: IntervalStrategy | str = field(
+        default="steps",
+        metadata={"help": "When to evaluate on the validation split: steps, epoch or no."},
+    )
+    eval_steps: float | None = field(
+        default=50, metadata={"help": "Evaluate (and checkpoint) every this many optimizer steps."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True,
+        metadata={"help": "Keep the checkpoint with the lowest validation loss at the end."},
+    )
+    metric_for_best_model: str | None = field(
+        default="eval_loss", metadata={"help": "Metric that picks the best checkpoint."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept on disk (the best one is always kept)."}
+    )
+    report_to: str | list[str] | None = field(
+        default="auto",
+        metadata={"help": "Loggers: auto (TensorBoard when installed), none, tensorboard, wandb…"},
+    )
+    early_stopping_patience: int | None = field(
+        default=3,
+        metadata={
+            "help": "Stop after this many evaluations without a lower validation loss; 0 or null "
+            "disables early stopping."
+        },
+    )
+    # Owned by DataArguments.max_seq_length; not a flag of its own (see the module docstring).
+    max_length: int | None = field(default=None, init=False)
+    # Owned by DataArguments.assistant_only_loss: our pre-tokenised labels already carry the mask.
+    assistant_only_loss: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.report_to == "auto":
+            self.report_to = ["tensorboard"] if _tensorboard_available() else "none"
+        if self.eval_strategy != "no" and self.eval_steps is not None:
+            self.save_strategy = self.eval_strategy
+            self.save_steps = self.eval_steps
+        if self.eval_strategy == "no":
+            self.load_best_model_at_end = False
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise SupportLMError("early_stopping_patience must be 0 (off) or positive.")
+        if self.early_stopping_patience and self.eval_strategy == "no":
+            raise SupportLMError("early_stopping_patience needs eval_strategy steps or epoch.")
+        if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in {
+            "true",
+            "false",
+        }:
+            self.resume_from_checkpoint = (
+                "true" if self.resume_from_checkpoint.lower() == "true" else None
+            )
+        elif self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
+            raise SupportLMError(
+                f"Checkpoint folder {self.resume_from_checkpoint} does not exist; pass a "
+                "checkpoint-N folder or true for the last checkpoint in output_dir."
+            )
+        # The output folder needs the model name; `resolve_output_dir` fills it in after parsing.
+        output_dir = self.output_dir
+        if output_dir is None:
+            self.output_dir = "unset"
+        super().__post_init__()
+        if output_dir is None:
+            self.output_dir = None
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+@dataclass
+class TrainConfig:
+    """Everything `supportlm.training.train` needs, one object per concern."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: TrainingArguments
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The settings as one flat mapping, in the layout of the YAML configs.
+
+        Training arguments are listed only where they differ from their defaults, so the file
+        reads like a config someone wrote; it can be passed back with ``--config``.
+        """
+        flat: dict[str, Any] = {}
+        for group in (self.model, self.data, self.lora):
+            flat.update({f.name: getattr(group, f.name) for f in fields(group) if f.init})
+        defaults = TrainingArguments(output_dir=self.training.output_dir).to_dict()
+        current = self.training.to_dict()
+        # gradient_checkpointing* only mirror activation_checkpointing* in transformers 5.
+        aliases = {"gradient_checkpointing", "gradient_checkpointing_kwargs"}
+        init_fields = {f.name for f in fields(TrainingArguments) if f.init} - aliases
+        for name in sorted(init_fields):
+            if name in current and current[name] != defaults.get(name):
+                flat[name] = current[name]
+        flat["output_dir"] = self.training.output_dir
+        return flat
+
+
+def run_name(model_name_or_path: str) -> str:
+    """A short folder name for a run: ``smollm2-support`` for the embedded model."""
+    if model_name_or_path == EMBEDDED_MODEL:
+        return "smollm2-support"
+    stem = Path(model_name_or_path.rstrip("/")).name.removesuffix(".gguf")
+    slug = re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-")
+    return f"{slug or 'model'}-support"
+
+
+def default_output_dir(model_name_or_path: str) -> Path:
+    return OUTPUTS_DIR / run_name(model_name_or_path)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+
+
+def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
+    """Parse ``--config file.yaml`` and flags (flags win) into a `TrainConfig`.
+
+    Unknown flags and unknown YAML keys raise `SupportLMError`; so does an invalid value.
+    """
+    parser = make_parser()
+    try:
+        model, data, lora, training = parser.parse_args_and_config(
+            list(args) if args is not None else None
+        )
+    except ValueError as error:
+        message = str(error)
+        if "not used by the HfArgumentParser" in message or "Unknown arguments" in message:
+            unknown = re.findall(r"'--?([A-Za-z0-9_.-]+)'", message)
+            raise SupportLMError(
+                f"Unknown setting(s): {', '.join(unknown) or message}; run with --help to list "
+                "the settings."
+            ) from error
+        raise SupportLMError(f"Invalid setting: {message}") from error
+    except FileNotFoundError as error:
+        raise SupportLMError(f"Config file {error.filename} does not exist.") from error
+    if training.output_dir is None:
+        training.output_dir = str(default_output_dir(model.model_name_or_path))
+    training.max_length = data.max_seq_length
+    if training.run_name is None or training.run_name == "unset":
+        training.run_name = Path(training.output_dir).name
+    return TrainConfig(model, data, lora, training)
