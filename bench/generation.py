@@ -1,0 +1,511 @@
+"""Generation speed: the app's serving path against plain `model.generate` and llama.cpp.
+
+    python bench/generation.py --adapter outputs/smollm2-support \
+        --json outputs/bench-generation.json
+
+On one model (default: the embedded SmolLM2-135M-Instruct), one fixed prompt and greedy decoding,
+it measures
+
+* baseline: plain `model.generate` in float32 (transformers, no adapter, no streamer);
+* app / app_streaming: the app's engine (`supportlm.serving.build_engine`: llama.cpp when it is
+  installed and the model is a GGUF, else transformers) with the adapter, called like the app
+  calls it: `generate` (whole reply) and `stream` (every event consumed, timed by the consumer);
+* app_no_adapter: the same engine with the adapter switched off for the request;
+* app_merged: transformers only, the adapter merged into the weights (llama.cpp serves its LoRA
+  unmerged, so the row is null there);
+* llamacpp: llama-cpp-python's high-level `Llama` on the same GGUF (and the same LoRA), when
+  `llama_cpp` is importable: what the app's path could reach.
+
+For each: time to first token and decode tokens/s (medians of `--runs` runs after a warm-up),
+prompt tokens/s on a ~600-token prompt, and the peak resident memory of the whole process while
+the case ran. Earlier cases are freed before the next one starts, but the allocator keeps some of
+their memory, so read a later case's peak as an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM
+
+from supportlm import setup_logging
+from supportlm.errors import SupportLMError
+from supportlm.generation import Engine, GenerationSettings, TransformersEngine
+from supportlm.modeling import load_tokenizer, prepare_model_dir, resolve_model
+from supportlm.prompts import (
+    DEFAULT_SYSTEM_PROMPT,
+    encode_chat,
+    end_of_turn_token_ids,
+    load_prompt_style,
+    with_system_prompt,
+)
+from supportlm.serving import AppSettings, build_engine, resolve_backend
+
+QUESTION = (
+    "I ordered a cast-iron casserole two weeks ago and it arrived with a cracked lid. Explain "
+    "step by step how I can return it, get a replacement and what happens to my refund."
+)
+#: Repeated to build the long prompt that measures prompt (prefill) throughput.
+ORDER_HISTORY_LINE = (
+    "Order {n}: two enamel mugs, one bread knife and a linen tea towel, paid by card, delivered "
+    "on time to the parcel locker near the station; no complaints about this one."
+)
+BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    decode_tok_s: float
+    new_tokens: int
+
+
+@dataclass
+class Measurement:
+    ttft_s: float
+    decode_tok_s: float
+    prompt_tok_s: float
+    new_tokens: int
+    peak_rss_mb: float
+    description: str
+
+
+class PeakRSS:
+    """The largest resident set size of this process while the block runs (sampled every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_bytes = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def _median_runs(run: Callable[[], Run], runs: int) -> Run:
+    run()  # warm-up: first-call allocations, lazy kernels, page faults on the weights
+    results = [run() for _ in range(runs)]
+    return Run(
+        ttft_s=statistics.median(r.ttft_s for r in results),
+        decode_tok_s=statistics.median(r.decode_tok_s for r in results),
+        new_tokens=int(statistics.median(r.new_tokens for r in results)),
+    )
+
+
+def _decode_rate(new_tokens: int, total_s: float, ttft_s: float) -> float:
+    # The first token's time is the prompt's; decode speed is over the tokens after it.
+    return (new_tokens - 1) / (total_s - ttft_s) if new_tokens > 1 and total_s > ttft_s else 0.0
+
+
+def measure_case(
+    description: str,
+    run: Callable[[], Run],
+    prefill_seconds: Callable[[], float],
+    long_prompt_tokens: int,
+    runs: int,
+    memory: PeakRSS,
+) -> Measurement:
+    with memory:
+        short = _median_runs(run, runs)
+        prefill_seconds()  # warm-up for the long prompt's buffer sizes
+        prefill = statistics.median(prefill_seconds() for _ in range(runs))
+    return Measurement(
+        ttft_s=short.ttft_s,
+        decode_tok_s=short.decode_tok_s,
+        prompt_tok_s=long_prompt_tokens / prefill,
+        new_tokens=short.new_tokens,
+        peak_rss_mb=memory.peak_mb,
+        description=description,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_baseline(
+    model_spec: str,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    long_ids: list[int],
+    settings: GenerationSettings,
+    runs: int,
+) -> Measurement:
+    """Plain `model.generate`, float32, no adapter, no streamer: the reference point."""
+    model = AutoModelForCausalLM.from_pretrained(prepare_model_dir(model_spec), dtype=torch.float32)
+    model.eval()
+    greedy = {
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "repetition_penalty": settings.repetition_penalty,
+        # The app stops at the chat template's end-of-turn token too; same reply length.
+        "eos_token_id": end_of_turn_token_ids(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+    def timed_generate(ids: list[int], max_new_tokens: int) -> tuple[float, int]:
+        input_ids = torch.tensor([ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                **greedy,
+            )
+        return time.perf_counter() - start, output.shape[1] - len(ids)
+
+    def run() -> Run:
+        ttft, _ = timed_generate(prompt_ids, 1)
+        total, new_tokens = timed_generate(prompt_ids, settings.max_new_tokens)
+        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
+
+    # The model is freed when this function returns (the closures above die with it).
+    return measure_case(
+        "transformers model.generate, float32",
+        run,
+        lambda: timed_generate(long_ids, 1)[0],
+        len(long_ids),
+        runs,
+        PeakRSS(),
+    )
+
+
+def bench_engine(
+    engine: Engine,
+    prompt_ids: list[int],
+    long_ids: list[int],
+    settings: GenerationSettings,
+    runs: int,
+    *,
+    streaming: bool,
+    use_adapter: bool = True,
+) -> Measurement:
+    """The app's engine, whole replies (`generate`) or consumed event by event (`stream`)."""
+    one_token = GenerationSettings(
+        max_new_tokens=1, temperature=0.0, repetition_penalty=settings.repetition_penalty
+    )
+
+    def run() -> Run:
+        if not streaming:
+            event = engine.generate(prompt_ids, settings, use_adapter=use_adapter)
+            return Run(event.time_to_first_token or 0.0, event.tokens_per_second, event.num_tokens)
+        # Timed where the UI sees the text: after the engine's queue and detokenisation.
+        start = time.perf_counter()
+        first_text_at = None
+        for event in engine.stream(prompt_ids, settings, use_adapter=use_adapter):
+            if first_text_at is None and event.text:
+                first_text_at = time.perf_counter()
+        total = time.perf_counter() - start
+        ttft = (first_text_at or time.perf_counter()) - start
+        return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
+
+    def prefill_seconds() -> float:
+        event = engine.generate(long_ids, one_token, use_adapter=use_adapter)
+        return event.time_to_first_token or event.elapsed
+
+    mode = "stream" if streaming else "generate"
+    adapter = ", adapter off" if engine.has_adapter and not use_adapter else ""
+    return measure_case(
+        f"{engine.description} ({mode}{adapter})",
+        run,
+        prefill_seconds,
+        len(long_ids),
+        runs,
+        PeakRSS(),
+    )
+
+
+def bench_llamacpp(
+    gguf_path: Path,
+    lora_path: Path | None,
+    prompt_ids: list[int],
+    long_ids: list[int],
+    settings: GenerationSettings,
+    runs: int,
+) -> Measurement:
+    """llama-cpp-python's high-level `Llama`, the way its README uses it."""
+    from llama_cpp import Llama
+
+    kwargs: dict[str, Any] = {"lora_path": str(lora_path)} if lora_path else {}
+    llm = Llama(
+        model_path=str(gguf_path),
+        n_ctx=2048,
+        n_threads=os.cpu_count(),
+        verbose=False,
+        **kwargs,
+    )
+
+    def timed_completion(ids: list[int], max_tokens: int) -> tuple[float, int]:
+        llm.reset()  # no prompt reuse from the previous call: every run pays its prefill
+        start = time.perf_counter()
+        completion = llm.create_completion(
+            ids,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            repeat_penalty=settings.repetition_penalty,
+        )
+        return time.perf_counter() - start, completion["usage"]["completion_tokens"]
+
+    def run() -> Run:
+        ttft, _ = timed_completion(prompt_ids, 1)
+        total, new_tokens = timed_completion(prompt_ids, settings.max_new_tokens)
+        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
+
+    lora = f" + LoRA {Path(lora_path).name}" if lora_path else ""
+    result = measure_case(
+        f"llama_cpp.Llama {Path(gguf_path).name}{lora}",
+        run,
+        lambda: timed_completion(long_ids, 1)[0],
+        len(long_ids),
+        runs,
+        PeakRSS(),
+    )
+    llm.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+def build_prompts(
+    tokenizer: Any, system_prompt: str, long_prompt_tokens: int
+) -> tuple[list[int], list[int]]:
+    """The short chat prompt, and a long one of about `long_prompt_tokens` tokens."""
+    prompt_ids = encode_chat(
+        tokenizer, with_system_prompt([{"role": "user", "content": QUESTION}], system_prompt)
+    )
+    history: list[str] = []
+    while True:
+        history.append(ORDER_HISTORY_LINE.format(n=len(history) + 1))
+        message = "My order history:\n" + "\n".join(history) + "\n\n" + QUESTION
+        long_ids = encode_chat(
+            tokenizer, with_system_prompt([{"role": "user", "content": message}], system_prompt)
+        )
+        if len(long_ids) >= long_prompt_tokens:
+            return prompt_ids, long_ids
+
+
+def build_app_engine(model: str, adapter: str | None, backend: str) -> Engine:
+    """The engine the app builds for this model, adapter and backend (`supportlm.serving`)."""
+    resolved = resolve_backend(backend, model, [])
+    return build_engine(AppSettings(model=model, adapter=adapter, backend=resolved))
+
+
+def _close(engine: Engine) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
+def _ratio(numerator: Measurement | None, denominator: Measurement | None) -> float | None:
+    if numerator is None or denominator is None or denominator.decode_tok_s == 0:
+        return None
+    return numerator.decode_tok_s / denominator.decode_tok_s
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    system_prompt = DEFAULT_SYSTEM_PROMPT
+    if args.adapter and (style := load_prompt_style(args.adapter)):
+        system_prompt = style.get("system_prompt") or system_prompt
+    prompt_ids, long_ids = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    print(
+        f"Model {source.display_name}; adapter {args.adapter or 'none'}; prompt "
+        f"{len(prompt_ids)} tokens, long prompt {len(long_ids)} tokens; greedy, max_new_tokens "
+        f"{settings.max_new_tokens}, repetition_penalty {settings.repetition_penalty}; "
+        f"{args.runs} runs after a warm-up; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        "torch threads.",
+        flush=True,
+    )
+    results: dict[str, Measurement | None] = {}
+    results["baseline"] = bench_baseline(
+        source.spec, tokenizer, prompt_ids, long_ids, settings, args.runs
+    )
+    gc.collect()
+
+    engine = build_app_engine(args.model, args.adapter, args.backend)
+    try:
+        results["app"] = bench_engine(
+            engine, prompt_ids, long_ids, settings, args.runs, streaming=False
+        )
+        results["app_streaming"] = bench_engine(
+            engine, prompt_ids, long_ids, settings, args.runs, streaming=True
+        )
+        results["app_no_adapter"] = (
+            bench_engine(
+                engine,
+                prompt_ids,
+                long_ids,
+                settings,
+                args.runs,
+                streaming=False,
+                use_adapter=False,
+            )
+            if engine.has_adapter
+            else None
+        )
+        results["app_merged"] = None
+        if engine.has_adapter and isinstance(engine, TransformersEngine):
+            # Last, because merging rewrites the base weights of this engine's model in place.
+            merged = TransformersEngine(
+                engine.model.merge_and_unload(),
+                engine.tokenizer,
+                description=f"{engine.description}, adapter merged",
+                context_length=engine.context_length,
+            )
+            results["app_merged"] = bench_engine(
+                merged, prompt_ids, long_ids, settings, args.runs, streaming=False
+            )
+            del merged
+    finally:
+        _close(engine)
+        del engine
+        gc.collect()
+
+    results["llamacpp"] = None
+    from supportlm import llamacpp
+
+    if llamacpp.is_available() and source.gguf_path is not None:
+        lora_path = (
+            llamacpp.cached_lora_gguf(args.adapter, source.gguf_path) if args.adapter else None
+        )
+        results["llamacpp"] = bench_llamacpp(
+            source.gguf_path, lora_path, prompt_ids, long_ids, settings, args.runs
+        )
+
+    report: dict[str, Any] = {name: None if m is None else asdict(m) for name, m in results.items()}
+    app, streaming = results["app"], results["app_streaming"]
+    report["speedup"] = _ratio(app, results["baseline"])
+    report["vs_llamacpp"] = _ratio(app, results["llamacpp"])
+    report["streaming_overhead"] = (
+        1 - streaming.decode_tok_s / app.decode_tok_s if app.decode_tok_s else None
+    )
+    report["adapter_vs_base"] = _ratio(app, results["app_no_adapter"])
+    report["merged_vs_unmerged"] = _ratio(results["app_merged"], app)
+    report["settings"] = {
+        "model": source.name,
+        "adapter": args.adapter,
+        "backend": args.backend,
+        "prompt_tokens": len(prompt_ids),
+        "long_prompt_tokens": len(long_ids),
+        "runs": args.runs,
+        **settings.to_dict(),
+    }
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = f"{'case':<16}{'TTFT s':>9}{'decode tok/s':>14}{'prompt tok/s':>14}"
+    header += f"{'tokens':>8}{'peak RSS MB':>13}  engine"
+    lines = [header, "-" * len(header)]
+    for name in ("baseline", "app", "app_streaming", "app_no_adapter", "app_merged", "llamacpp"):
+        row = report.get(name)
+        if row is None:
+            lines.append(f"{name:<16}{'-':>9}{'-':>14}{'-':>14}{'-':>8}{'-':>13}  (not run)")
+            continue
+        lines.append(
+            f"{name:<16}{row['ttft_s']:>9.3f}{row['decode_tok_s']:>14.1f}"
+            f"{row['prompt_tok_s']:>14.0f}{row['new_tokens']:>8}{row['peak_rss_mb']:>13.0f}"
+            f"  {row['description']}"
+        )
+    lines.append("")
+    for key, label in (
+        ("speedup", "app / baseline decode"),
+        ("vs_llamacpp", "app / llama.cpp decode"),
+        ("streaming_overhead", "streaming overhead (1 - stream/generate decode)"),
+        ("adapter_vs_base", "adapter on / adapter off decode"),
+        ("merged_vs_unmerged", "merged / unmerged adapter decode"),
+    ):
+        value = report.get(key)
+        lines.append(f"{label}: {'-' if value is None else f'{value:.2f}'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded", help="Model spec (default: embedded).")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to serve.")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKEND_CHOICES,
+        help="The app's backend: auto picks llama.cpp for a GGUF model when it is installed.",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="Timed runs after the warm-up.")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Tokens per reply.")
+    parser.add_argument(
+        "--prompt_tokens", type=int, default=600, help="Length of the prefill-speed prompt."
+    )
+    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.max_new_tokens < 2 or args.prompt_tokens < 1:
+        parser.error("--runs must be >= 1, --max_new_tokens >= 2 and --prompt_tokens >= 1.")
+    if args.adapter and not Path(args.adapter).is_dir():
+        parser.error(f"adapter folder {args.adapter} does not exist.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        report = run_benchmark(args)
+    except SupportLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"Wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
