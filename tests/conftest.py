@@ -63,6 +63,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) 
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> str:
+    """The tiny Llama with larger random weights, so its (gibberish) reply depends on the prompt.
+
+    With the default initialisation every prompt gets the same reply; app tests that tell two
+    users' answers apart need replies that differ.
+    """
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    config = LlamaConfig.from_pretrained(tiny_model_dir, initializer_range=0.2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def bitext_csv() -> Path:
     if not BITEXT_CSV.is_file():
         pytest.skip("the Bitext sample (../shared/data/bitext-customer-support) is not present")

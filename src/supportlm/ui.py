@@ -93,6 +93,17 @@ def _notify(notices: list[str]) -> str:
     return "".join(f"⚠️ {notice}  \n" for notice in notices)
 
 
+def _texts(updates: Iterator[tuple[str, str]]) -> Iterator[str]:
+    """The reply texts of (text, caption) updates, each new one once (API streams)."""
+    last = None
+    for text, _ in _user_facing(updates):
+        if text != last:
+            last = text
+            yield text
+    if last is None:
+        yield ""
+
+
 def _caption(event: StreamEvent, notices: str = "") -> str:
     return f"{notices}<small>{event.caption()}</small>"
 
@@ -531,8 +542,7 @@ def build_demo(
             generation = _generation_settings(
                 temperature, top_p, max_new_tokens, repetition_penalty
             )
-            for text, _ in _user_facing(chat_events(message, history, system_prompt, generation)):
-                yield text
+            yield from _texts(chat_events(message, history, system_prompt, generation))
 
         def summarize(
             text: str, style: str = "paragraph", max_new_tokens: int = 192
@@ -540,8 +550,7 @@ def build_demo(
             """Summarise `text`: style is paragraph, bullets or action_items; streams text."""
             check_text(text, "summarise")
             generation = _generation_settings(0.0, 1.0, max_new_tokens, 1.1)
-            for summary, _ in _user_facing(summary_events(text, style, generation)):
-                yield summary
+            yield from _texts(summary_events(text, style, generation))
 
         def translate(
             text: str,
@@ -552,9 +561,9 @@ def build_demo(
             """Translate `text` into `target_language` (source auto-detected by default)."""
             check_text(text, "translate")
             generation = _generation_settings(0.0, 1.0, max_new_tokens, 1.1)
-            events = translation_events(text, target_language, source_language, generation)
-            for translation, _ in _user_facing(events):
-                yield translation
+            yield from _texts(
+                translation_events(text, target_language, source_language, generation)
+            )
 
         gr.api(chat, api_name="chat")
         gr.api(summarize, api_name="summarize")

@@ -1,0 +1,226 @@
+"""The app on the tiny model, driven through `gradio_client` like any API user.
+
+The tiny model writes gibberish, so these tests check mechanics a user would notice: streaming,
+endpoint contracts, stored and redacted feedback, isolation of concurrent users, recovery from
+errors, input caps and Stop really stopping the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from gradio_client.utils import StatusUpdate
+
+from supportlm.generation import GenerationSettings, StreamEvent, TransformersEngine
+from supportlm.modeling import load_model
+from supportlm.prompts import encode_chat, with_system_prompt
+from supportlm.serving import AppSettings, Assistant
+from supportlm.ui import build_demo
+
+TRIGGER = "PLEASE-FAIL"
+MAX_INPUT_CHARS = 300
+
+
+class FailingEngine:
+    """The real tiny engine, except that a prompt containing `TRIGGER` fails mid-generation.
+
+    It also remembers the stop event of the last request, so a test can see Stop arrive.
+    """
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self.description = engine.description
+        self.tokenizer = engine.tokenizer
+        self.context_length = engine.context_length
+        self.has_adapter = engine.has_adapter
+        self.last_stop_event: threading.Event | None = None
+
+    def stream(self, prompt_ids, settings, *, stop_event=None, use_adapter=True):
+        self.last_stop_event = stop_event
+        events = self.engine.stream(
+            prompt_ids, settings, stop_event=stop_event, use_adapter=use_adapter
+        )
+        if TRIGGER in self.tokenizer.decode(prompt_ids):
+            return self._fail(events)
+        return events
+
+    def _fail(self, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+        yield next(events)
+        events.close()
+        raise RuntimeError("the GPU caught fire")
+
+    def generate(self, prompt_ids, settings, *, use_adapter=True):
+        return self.engine.generate(prompt_ids, settings, use_adapter=use_adapter)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("app")
+    settings = AppSettings(
+        model=tiny_chat_model_dir,
+        backend="transformers",
+        feedback_db=folder / "feedback.sqlite3",
+        max_input_chars=MAX_INPUT_CHARS,
+        concurrency=2,
+    )
+    engine = TransformersEngine.from_loaded(load_model(tiny_chat_model_dir), context_length=2048)
+    forward_calls: list[int] = []
+    engine.model.register_forward_hook(lambda *args: forward_calls.append(1))
+    failing = FailingEngine(engine)
+    demo = build_demo(assistant=Assistant(failing, settings))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    yield {
+        "url": url,
+        "settings": settings,
+        "engine": failing,
+        "forward_calls": forward_calls,
+    }
+    demo.close()
+
+
+@pytest.fixture
+def client(app) -> Client:
+    return Client(app["url"], verbose=False)
+
+
+def test_chat_streams_the_reply_token_by_token(client: Client) -> None:
+    job = client.submit("Where is my order?", api_name="/chat", max_new_tokens=24)
+    updates = list(job)
+    result = job.result()
+    assert isinstance(result, str) and result
+    assert len(updates) > 2
+    for before, after in itertools.pairwise(updates):
+        assert after.startswith(before) and len(after) > len(before)
+    assert updates[-1] == result
+
+
+def test_chat_uses_the_history(app, client: Client) -> None:
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+    ]
+    with_history = client.predict("Refund please", history, api_name="/chat", max_new_tokens=12)
+    engine = app["engine"]
+    messages = with_system_prompt(
+        [*history, {"role": "user", "content": "Refund please"}],
+        Assistant(engine, app["settings"]).system_prompt,
+    )
+    prompt_ids = encode_chat(engine.tokenizer, messages)
+    expected = engine.generate(prompt_ids, GenerationSettings(max_new_tokens=12)).text
+    assert with_history == expected
+
+
+def test_summarize_and_translate_return_strings(client: Client) -> None:
+    ticket = "Customer: my parcel #123 is late. Agent: I opened a claim with the carrier."
+    summary = client.predict(ticket, api_name="/summarize", max_new_tokens=16)
+    assert isinstance(summary, str) and summary
+    translation = client.predict("Thank you for your order.", "French", api_name="/translate")
+    assert isinstance(translation, str) and translation
+
+
+def test_correction_is_stored_redacted(app, client: Client) -> None:
+    question = "I'm anna@example.com, call +1 415-555-0100, card 4111 1111 1111 1111."
+    reply = client.predict(question, api_name="/chat", max_new_tokens=8)
+    # The chat tab's Chatbot value, as the browser sends it.
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+    ]
+    settings = ["Be helpful.", 0.0, 0.9, 64, 1.1]  # the chat tab's generation settings
+    client.predict(history, "Write to anna@example.com", *settings, api_name="/correct")
+    with sqlite3.connect(app["settings"].feedback_db) as connection:
+        row = connection.execute(
+            "SELECT kind, conversation, corrected_answer, model_id, backend, settings "
+            "FROM feedback ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    kind, conversation, corrected, model_id, backend, generation = row
+    assert kind == "correction"
+    assert "[EMAIL]" in conversation and "[PHONE]" in conversation and "[CARD]" in conversation
+    assert "anna@example.com" not in conversation and "4111" not in conversation
+    assert corrected == "Write to [EMAIL]"
+    assert model_id == app["settings"].model and backend == "transformers"
+    assert '"max_new_tokens": 64' in generation
+
+
+def test_concurrent_users_get_their_own_answers(app) -> None:
+    questions = ["How do I return a jacket?", "Can I change my delivery address?"]
+
+    def ask(question: str) -> str:
+        client = Client(app["url"], verbose=False)
+        return client.predict(question, api_name="/chat", max_new_tokens=20)
+
+    alone = [ask(question) for question in questions]
+    assert alone[0] != alone[1]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone
+
+
+def test_an_error_is_shown_and_the_next_request_works(client: Client) -> None:
+    with pytest.raises(AppError, match="model failed to answer"):
+        client.predict(f"{TRIGGER} where is my refund?", api_name="/chat", max_new_tokens=8)
+    reply = client.predict("Where is my refund?", api_name="/chat", max_new_tokens=8)
+    assert isinstance(reply, str) and reply
+
+
+def test_over_long_input_is_cut_with_a_notice(client: Client) -> None:
+    job = client.submit("refund " * 200, api_name="/chat", max_new_tokens=8)
+
+    async def all_updates():
+        return [update async for update in job]
+
+    updates = asyncio.run(all_updates())
+    warnings = [u.log for u in updates if isinstance(u, StatusUpdate) and u.log]
+    assert (f"The input was cut to its first {MAX_INPUT_CHARS} characters.", "warning") in warnings
+    assert isinstance(job.result(), str)
+
+
+def test_stop_stops_the_model_not_just_the_stream(app, client: Client) -> None:
+    max_new_tokens = 400
+    question = "Tell me everything about your shipping policy."
+    calls = app["forward_calls"]
+    calls.clear()
+    job = client.submit(question, api_name="/chat", max_new_tokens=max_new_tokens)
+    next(iter(job))  # the first tokens arrived: generation is running
+    job.cancel()
+    engine = app["engine"]
+    deadline = time.monotonic() + 60
+    while not (engine.last_stop_event and engine.last_stop_event.is_set()):
+        assert time.monotonic() < deadline, "Stop never reached the engine"
+        time.sleep(0.05)
+    # Wait until the model has been idle for a while: its forward calls stop growing.
+    while True:
+        seen = len(calls)
+        time.sleep(1.0)
+        if len(calls) == seen:
+            break
+    assert len(calls) < max_new_tokens
+    # The same greedy request, left alone, really runs to max_new_tokens.
+    assistant = Assistant(engine, app["settings"])
+    generation = GenerationSettings(max_new_tokens=max_new_tokens)
+    request = assistant.chat_request(question, [], None, generation)
+    assert engine.generate(request.prompt_ids, generation).finish_reason == "length"
+
+
+def test_api_endpoints_are_documented(client: Client) -> None:
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/chat", "/summarize", "/translate"} <= set(endpoints)
+    chat_parameters = [p["parameter_name"] for p in endpoints["/chat"]["parameters"]]
+    assert chat_parameters[0] == "message"
