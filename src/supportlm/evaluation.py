@@ -412,6 +412,7 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
         "split": data.split,
         "split_reason": data.reason,
         "n_available": data.num_available,
+        "max_seq_length": data.max_seq_length,
         "adapter": args.adapter,
         "model": loaded.source.name,
         "model_description": loaded.description,
@@ -442,12 +443,13 @@ def _change(metric: str, base: float, tuned: float) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: settings, a metric table, per-task tables and sample answers."""
     base, tuned = report["base"], report["tuned"]
+    split = "test split" if report["split"] == "test" else "all examples"
     lines = [
         "# Evaluation: base vs fine-tuned" if tuned else "# Evaluation: base model",
         "",
         f"- Model: {report['model_description']}",
         f"- Adapter: {report['adapter'] or 'none'}",
-        f"- Data: {report['dataset']}, {report['split']} split: {report['split_reason']}",
+        f"- Data: {report['dataset']}, {split}: {report['split_reason']}",
         f"- Examples: {report['n_examples']} of {report['n_available']}",
         f"- Decoding: greedy, max_new_tokens {report['generation']['max_new_tokens']}, "
         f"repetition_penalty {report['generation']['repetition_penalty']}",
@@ -503,7 +505,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         bars = axis.bar(variants, values, color=[colors[v] for v in variants])
         axis.bar_label(bars, labels=[_format(v) for v in values], fontsize=8)
         axis.set_title(f"{metric}\n({'higher' if higher_is_better else 'lower'} is better)")
-        axis.margins(y=0.2)
+        # Every metric is >= 0; headroom above the tallest bar for its label.
+        axis.set_ylim(0, max(values) * 1.2 or 1.0)
         axis.tick_params(axis="y", labelsize=8)
     figure.suptitle(f"{report['model']} · {report['n_examples']} examples ({report['split']})")
     figure.tight_layout()
