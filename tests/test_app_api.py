@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -224,3 +225,34 @@ def test_api_endpoints_are_documented(client: Client) -> None:
     assert {"/chat", "/summarize", "/translate"} <= set(endpoints)
     chat_parameters = [p["parameter_name"] for p in endpoints["/chat"]["parameters"]]
     assert chat_parameters[0] == "message"
+
+
+def test_real_model_smoke(tmp_path: Path) -> None:
+    """The three endpoints on the real embedded SmolLM2 (one launch, short replies)."""
+    settings = AppSettings.from_env(
+        {
+            "SUPPORTLM_MODEL": "embedded",
+            # The llama.cpp backend (auto's choice when installed) has its own tests.
+            "SUPPORTLM_BACKEND": "transformers",
+            "SUPPORTLM_FEEDBACK_DB": str(tmp_path / "fb.sqlite3"),
+        }
+    )
+    demo = build_demo(settings)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        reply = client.predict("How do I cancel my order?", api_name="/chat", max_new_tokens=24)
+        summary = client.predict(
+            "Customer: my parcel is two weeks late and I want a refund. Agent: I will open a "
+            "claim with the carrier today.",
+            api_name="/summarize",
+            max_new_tokens=32,
+        )
+        translation = client.predict(
+            "Thank you for your order.", "French", api_name="/translate", max_new_tokens=24
+        )
+    finally:
+        demo.close()
+    for text in (reply, summary, translation):
+        assert isinstance(text, str)
+        assert sum(character.isalpha() for character in text) >= 5

@@ -162,43 +162,40 @@ def build_demo(
             raise gr.Error(f"Please paste or upload the text to {what}.")
 
     with gr.Blocks(title="supportlm · customer-service assistant", fill_width=False) as demo:
+        tuned = " with a fine-tuned LoRA adapter" if engine.has_adapter else ""
         gr.Markdown(
-            "# 🛎️ supportlm\nA small language model fine-tuned for customer service. "
+            f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
             f"Serving **{engine.description}**."
         )
         with gr.Tabs():
             # -------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
-                system_prompt = gr.Textbox(
-                    assistant.system_prompt, label="System prompt", lines=3, render=False
-                )
-                temperature = gr.Slider(
-                    0.0,
-                    1.5,
-                    _DEFAULTS.temperature,
-                    step=0.05,
-                    label="Temperature (0 = greedy)",
-                    render=False,
-                )
-                top_p = gr.Slider(
-                    0.05, 1.0, _DEFAULTS.top_p, step=0.05, label="Top-p", render=False
-                )
-                max_new_tokens = gr.Slider(
-                    16,
-                    max_reply,
-                    min(_DEFAULTS.max_new_tokens, max_reply),
-                    step=16,
-                    label="Max new tokens",
-                    render=False,
-                )
-                repetition_penalty = gr.Slider(
-                    1.0,
-                    2.0,
-                    _DEFAULTS.repetition_penalty,
-                    step=0.05,
-                    label="Repetition penalty",
-                    render=False,
-                )
+                with gr.Accordion("Generation settings", open=False):
+                    system_prompt = gr.Textbox(
+                        assistant.system_prompt, label="System prompt", lines=3
+                    )
+                    temperature = gr.Slider(
+                        0.0,
+                        1.5,
+                        _DEFAULTS.temperature,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
+                    )
+                    top_p = gr.Slider(0.05, 1.0, _DEFAULTS.top_p, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(
+                        16,
+                        max_reply,
+                        min(_DEFAULTS.max_new_tokens, max_reply),
+                        step=16,
+                        label="Max new tokens",
+                    )
+                    repetition_penalty = gr.Slider(
+                        1.0,
+                        2.0,
+                        _DEFAULTS.repetition_penalty,
+                        step=0.05,
+                        label="Repetition penalty",
+                    )
                 chat_settings = [
                     system_prompt,
                     temperature,
@@ -223,7 +220,6 @@ def build_demo(
                     respond,
                     chatbot=chatbot,
                     additional_inputs=chat_settings,
-                    additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
                     additional_outputs=[caption],
                     editable=True,
                     examples=[[question] for question in EXAMPLE_QUESTIONS],

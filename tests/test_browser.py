@@ -1,0 +1,143 @@
+"""The app in a real browser (Playwright + Debian's Chromium) on the tiny model with an adapter."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from supportlm.serving import AppSettings
+from supportlm.ui import build_demo
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="Debian's Chromium (/usr/bin/chromium) is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model_dir: str) -> Path:
+    """A LoRA adapter with non-zero B, plus the metrics.json and loss.png training writes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    folder = tmp_path_factory.mktemp("browser-adapter")
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0); make "tuned" differ from "base"
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    peft_model.save_pretrained(folder)
+    (folder / "metrics.json").write_text(json.dumps({"eval_loss": 2.5, "rougeL": 0.31}))
+    figure, axis = plt.subplots(figsize=(4, 2.5))
+    axis.plot([3.0, 2.6, 2.4])
+    figure.savefig(folder / "loss.png")
+    plt.close(figure)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_chat_model_dir: str, adapter_dir: Path, tmp_path_factory):
+    feedback_db = tmp_path_factory.mktemp("browser-app") / "feedback.sqlite3"
+    settings = AppSettings(
+        model=tiny_chat_model_dir,
+        adapter=str(adapter_dir),
+        backend="transformers",
+        feedback_db=feedback_db,
+    )
+    demo = build_demo(settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    yield url, feedback_db
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(app_url[0])
+        yield page
+        browser.close()
+
+
+def test_chat_streams_and_like_is_stored(page, app_url, repo_root: Path) -> None:
+    from playwright.sync_api import expect
+
+    box = page.locator("textarea[placeholder^='Type a message']")
+    box.fill("Where is my order #123? Mail me at anna@example.com")
+    box.press("Enter")
+    reply = page.locator("[data-testid='bot']").last
+    expect(reply).not_to_have_text("", timeout=30_000)
+    expect(page.locator("#chat-caption")).to_contain_text("tok/s", timeout=60_000)
+    page.locator("button[aria-label='Like']").last.click()
+    expect(page.locator("#feedback-status")).to_contain_text("like was saved", timeout=30_000)
+    artifacts = repo_root / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=artifacts / "browser-chat.png", full_page=True)
+    with sqlite3.connect(app_url[1]) as connection:
+        kind, conversation = connection.execute(
+            "SELECT kind, conversation FROM feedback ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert kind == "like"
+    assert "[EMAIL]" in conversation and "anna@example.com" not in conversation
+
+
+def test_summarise_tab(page) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Summarise").click()
+    page.get_by_label("Text to summarise").fill("The parcel is late. The customer wants a refund.")
+    expect(page.locator("#summary-token-count")).to_contain_text("tokens", timeout=30_000)
+    page.get_by_role("button", name="Summarise", exact=True).click()
+    expect(page.locator("#summary-output textarea")).not_to_have_value("", timeout=60_000)
+
+
+def test_translate_tab(page) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Translate").click()
+    page.get_by_label("Text to translate").fill("Thank you for your order.")
+    page.get_by_role("button", name="Translate", exact=True).click()
+    expect(page.locator("#translate-output textarea")).not_to_have_value("", timeout=60_000)
+
+
+def test_compare_tab_votes(page, app_url) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.locator("#compare-tuned textarea")).not_to_have_value("", timeout=60_000)
+    page.get_by_role("button", name="Fine-tuned is better").click()
+    expect(page.locator("#vote-status")).to_contain_text("saved", timeout=30_000)
+    with sqlite3.connect(app_url[1]) as connection:
+        (choice,) = connection.execute("SELECT choice FROM votes ORDER BY id DESC").fetchone()
+    assert choice == "tuned"
+
+
+def test_about_tab_shows_the_adapter(page, adapter_dir: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="About").click()
+    expect(page.locator("#about-serving")).to_contain_text(str(adapter_dir))
+    expect(page.get_by_text("rougeL")).to_be_visible()
+    expect(page.locator("img").last).to_be_visible()
