@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -256,3 +259,21 @@ def test_real_model_smoke(tmp_path: Path) -> None:
     for text in (reply, summary, translation):
         assert isinstance(text, str)
         assert sum(character.isalpha() for character in text) >= 5
+
+
+def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, tmp_path) -> None:
+    result_file = tmp_path / "load.json"
+    command = [
+        sys.executable,
+        str(repo_root / "bench" / "load.py"),
+        *("--model", tiny_chat_model_dir, "--backend", "transformers"),
+        *("--clients", "2", "--questions", "1", "--max-new-tokens", "8"),
+        *("--json", str(result_file)),
+    ]
+    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(result_file.read_text())
+    assert report["errors"] == 0
+    assert report["startup_s"] > 0 and report["aggregate_speedup"] > 0
+    assert report["n_clients"]["clients"] == 2 and report["n_clients"]["requests"] == 2
+    assert report["one_client"]["tokens"] > 0
+    assert report["p95_ttft_s"] is not None
