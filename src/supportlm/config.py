@@ -253,7 +253,8 @@ class TrainingArguments(SFTConfig):
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Checkpoints kept on disk (the best one is always kept)."}
     )
-    report_to: str | list[str] | None = field(
+    # Same annotation as transformers: HfArgumentParser reads the union's members by position.
+    report_to: None | str | list[str] = field(  # noqa: RUF036
         default="auto",
         metadata={"help": "Loggers: auto (TensorBoard when installed), none, tensorboard, wandb…"},
     )
@@ -275,12 +276,12 @@ class TrainingArguments(SFTConfig):
         if self.eval_strategy != "no" and self.eval_steps is not None:
             self.save_strategy = self.eval_strategy
             self.save_steps = self.eval_steps
-        if self.eval_strategy == "no":
-            self.load_best_model_at_end = False
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
             raise SupportLMError("early_stopping_patience must be 0 (off) or positive.")
-        if self.early_stopping_patience and self.eval_strategy == "no":
-            raise SupportLMError("early_stopping_patience needs eval_strategy steps or epoch.")
+        if self.eval_strategy == "no":
+            # Nothing to compare checkpoints by: no best model, no early stopping.
+            self.load_best_model_at_end = False
+            self.early_stopping_patience = None
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in {
             "true",
             "false",
@@ -293,6 +294,11 @@ class TrainingArguments(SFTConfig):
                 f"Checkpoint folder {self.resume_from_checkpoint} does not exist; pass a "
                 "checkpoint-N folder or true for the last checkpoint in output_dir."
             )
+        if self.bf16 and not self.use_cpu and not _bf16_gpu_available():
+            raise SupportLMError(
+                "bf16 needs a GPU with bf16 support and this machine has none; pass --bf16 false "
+                "to train in float32 on the CPU."
+            )
         # The output folder needs the model name; `resolve_output_dir` fills it in after parsing.
         output_dir = self.output_dir
         if output_dir is None:
@@ -300,6 +306,12 @@ class TrainingArguments(SFTConfig):
         super().__post_init__()
         if output_dir is None:
             self.output_dir = None
+
+
+def _bf16_gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _tensorboard_available() -> bool:

@@ -223,6 +223,8 @@ def physical_cores() -> int:
 class TrainResult:
     output_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: The trained PEFT model (best checkpoint when `load_best_model_at_end`), still in memory.
+    model: torch.nn.Module | None = None
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -345,7 +347,7 @@ def train(config: TrainConfig) -> TrainResult:
     update_latest(output_dir)
     logger.info("Metrics: %s", json.dumps({k: metrics[k] for k in _SUMMARY_KEYS}))
     logger.info("Adapter and model card written to %s", output_dir)
-    return TrainResult(output_dir=output_dir, metrics=metrics)
+    return TrainResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
 
 _SUMMARY_KEYS = (
@@ -504,3 +506,49 @@ def default_adapter_dir(outputs_dir: str | Path = OUTPUTS_DIR) -> Path | None:
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_adapter(
+    adapter: str | Path,
+    output_dir: str | Path,
+    *,
+    model_name_or_path: str | None = None,
+    dtype: str = "float32",
+    quantization: str = "none",
+) -> Path:
+    """Fold a LoRA adapter into a full-precision copy of its base; save a standalone model folder.
+
+    The folder loads with `AutoModelForCausalLM.from_pretrained` alone and carries the tokenizer,
+    chat template and system prompt the adapter was trained with.
+    """
+    from transformers import AutoTokenizer
+
+    from supportlm.modeling import adapter_base_model
+    from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, load_prompt_style
+
+    if quantization != "none":
+        raise SupportLMError(
+            f"Refusing to merge into a {quantization} base: rounding the merged weights back to "
+            f"{quantization} would lose most of the adapter; merge with --quantization none."
+        )
+    adapter = str(adapter)
+    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        raise SupportLMError(f"{adapter} is not an adapter folder (no {ADAPTER_CONFIG}).")
+    base = model_name_or_path or adapter_base_model(adapter) or EMBEDDED_MODEL
+    loaded = load_model(base, quantization="none", dtype=dtype, device="cpu", adapter=adapter)
+    merged = loaded.model.merge_and_unload()
+    output_dir = Path(output_dir)
+    merged.save_pretrained(output_dir)
+    try:
+        tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(adapter))
+    except OSError:  # an adapter saved without its tokenizer: the base's is the right one
+        tokenizer = loaded.tokenizer
+    style = load_prompt_style(adapter) or {}
+    save_prompt_style(output_dir, tokenizer, style.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
+    logger.info("Merged %s into %s; saved to %s", adapter, loaded.source.display_name, output_dir)
+    return output_dir

@@ -1,0 +1,357 @@
+"""Training: exact labels reach the loss, the fast loss equals the standard one, tiny runs work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from supportlm.config import parse_config
+from supportlm.data import Example
+from supportlm.errors import SupportLMError
+from supportlm.modeling import check_adapter_base, resolve_model
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, tokenize_conversation
+from supportlm.training import (
+    LATEST_FILE,
+    SupportLMTrainer,
+    default_adapter_dir,
+    supervised_lm_loss,
+    tokenize_examples,
+    train,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "finetune" / "train.py"
+
+
+def tiny_args(model_dir: str, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", model_dir,
+        "--output_dir", str(output_dir),
+        "--max_examples", "48",
+        "--max_seq_length", "256",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8",
+        "--learning_rate", "1e-2",
+        "--logging_steps", "1",
+        "--eval_steps", "3",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    output_dir = tmp_path_factory.mktemp("run") / "tiny-support"
+    config = parse_config(tiny_args(tiny_model_dir, output_dir, "--max_steps", "6"))
+    return train(config)
+
+
+def test_labels_survive_into_the_trainer_batches(tiny_model_dir: str, smollm2_tokenizer, tmp_path):
+    conversations = [
+        [
+            {"role": "user", "content": "Where is my order?"},
+            {"role": "assistant", "content": "Hi!"},
+        ],
+        [
+            {"role": "user", "content": "Cancel it, please."},
+            {"role": "assistant", "content": "Which order number?"},
+            {"role": "user", "content": "Order 12345."},
+            {"role": "assistant", "content": "Done: order 12345 is cancelled."},
+        ],
+    ]
+    examples = [Example(messages=m) for m in conversations]
+    dataset = tokenize_examples(examples, smollm2_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    config = parse_config(
+        tiny_args(tiny_model_dir, tmp_path, "--max_steps", "1", "--eval_strategy", "no")
+    )
+    trainer = SupportLMTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=config.training,
+        train_dataset=dataset,
+        processing_class=smollm2_tokenizer,
+        peft_config=config.lora.to_peft_config(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = {
+        tuple(e["input_ids"]): e["labels"]
+        for e in (
+            tokenize_conversation(
+                smollm2_tokenizer, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *m]
+            )
+            for m in conversations
+        )
+    }
+    assert len(batch["input_ids"]) == 2
+    for input_ids, labels, mask in zip(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+    ):
+        n = int(mask.sum())
+        assert expected[tuple(input_ids[:n].tolist())] == labels[:n].tolist()
+        assert (labels[n:] == IGNORE_INDEX).all()
+    # The second conversation supervises both answers, never the user turns.
+    multi = expected[max(expected, key=len)]
+    supervised = smollm2_tokenizer.decode([t for t in multi if t != IGNORE_INDEX])
+    assert "Which order number?" in supervised and "Done: order 12345" in supervised
+    assert "Cancel it" not in supervised and "Order 12345." not in supervised
+
+
+def random_batch(vocab_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # padding
+    labels = input_ids.clone()
+    labels[:, :5] = IGNORE_INDEX  # the prompt
+    labels[attention_mask == 0] = IGNORE_INDEX
+    labels[2, 7] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+
+
+def test_supervised_logits_loss_equals_the_full_loss(tiny_model_dir: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    inputs, labels = random_batch(model.config.vocab_size)
+    reference = model(**inputs, labels=labels).loss
+    loss, count = supervised_lm_loss(model, inputs, labels)
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, reference)
+    # Under gradient accumulation both divide the summed loss by the tokens of all micro-batches.
+    reference = model(**inputs, labels=labels, num_items_in_batch=40).loss
+    torch.testing.assert_close(supervised_lm_loss(model, inputs, labels, 40)[0], reference)
+    # Same gradients, too.
+    model.zero_grad()
+    model(**inputs, labels=labels).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    supervised_lm_loss(model, inputs, labels)[0].backward()
+    actual = [p.grad for p in model.parameters() if p.requires_grad]
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_model_dir: str) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )
+    inputs, labels = random_batch(model.config.vocab_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss, _ = supervised_lm_loss(model, inputs, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str) -> None:
+    folder = tiny_run.output_dir
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "supportlm_prompt.json",
+        "training_config.yaml",
+        "metrics.json",
+        "loss.png",
+        "data_report.json",
+        "data_report.md",
+        "README.md",
+    ):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in (
+        "train_loss",
+        "eval_loss",
+        "eval_perplexity",
+        "train_runtime_s",
+        "train_supervised_tokens_per_second",
+        "peak_memory_mb",
+        "dataset_sizes",
+    ):
+        assert metrics[key] is not None, key
+    assert metrics["global_step"] == 6
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp())
+    assert (folder / "loss.png").read_bytes().startswith(b"\x89PNG")
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == resolve_model(tiny_model_dir).name
+    check_adapter_base(str(folder), resolve_model(tiny_model_dir))
+    saved = parse_config(["--config", str(folder / "training_config.yaml")])
+    assert saved.training.max_steps == 6 and saved.model.model_name_or_path == tiny_model_dir
+    assert "SUPPORTLM_ADAPTER=" in (folder / "README.md").read_text()
+
+
+def test_lora_weights_change_and_base_weights_do_not(tiny_run, tiny_model_dir: str) -> None:
+    adapter = load_file(tiny_run.output_dir / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    trained = tiny_run.model.get_base_model().state_dict()
+    for name, tensor in base.items():
+        key = name.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(trained.get(key, trained.get(name)), tensor, rtol=0, atol=0)
+
+
+def test_resume_continues_from_the_checkpoint(tiny_run, tiny_model_dir: str, tmp_path) -> None:
+    checkpoint = tiny_run.output_dir / "checkpoint-6"
+    assert checkpoint.is_dir()
+    output_dir = tmp_path / "resumed"
+    args = tiny_args(tiny_model_dir, output_dir, "--max_steps", "8")
+    result = train(parse_config([*args, "--resume_from_checkpoint", str(checkpoint)]))
+    assert result.metrics["global_step"] == 8
+    history = json.loads((output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in history["log_history"] if "loss" in entry]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6] and steps[6:] == [7, 8]
+
+
+def test_wrong_base_adapter_is_refused(tiny_run) -> None:
+    with pytest.raises(SupportLMError, match="trained on base model"):
+        check_adapter_base(str(tiny_run.output_dir), resolve_model("embedded"))
+
+
+def test_default_adapter_dir_follows_latest(tmp_path: Path) -> None:
+    assert default_adapter_dir(tmp_path) is None
+    run = tmp_path / "my-run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (tmp_path / LATEST_FILE).write_text("my-run\n")
+    assert default_adapter_dir(tmp_path) == run
+
+
+@pytest.mark.parametrize(
+    ("make_dataset", "message"),
+    [
+        (lambda d: d / "missing.jsonl", "does not exist"),
+        (lambda d: _write(d / "bad.jsonl", '{"messages": [\n'), "line 1"),
+        (lambda d: _write(d / "odd.jsonl", '{"question": "a", "reply": "b"}\n'), "shape"),
+    ],
+)
+def test_bad_input_ends_in_one_sentence(tiny_model_dir, tmp_path, capsys, make_dataset, message):
+    from finetune_train import main
+
+    # setup_logging() keeps its first stdout; under capsys that one is closed by the next test.
+    logging.getLogger("supportlm").handlers.clear()
+
+    dataset = make_dataset(tmp_path)
+    argv = tiny_args(
+        tiny_model_dir, tmp_path / "out", "--dataset", str(dataset), "--strict", "true"
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]  # after the model-loading progress bar
+    assert last_line.startswith("error: ") and message in last_line and "Traceback" not in err
+
+
+def test_unknown_model_fails_through_the_script(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--model_name_or_path", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Unknown model")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _finetune_train_importable():
+    # finetune/ is a folder of scripts, not a package: import train.py under its own name.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_train", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["finetune_train"] = module
+    yield
+    sys.modules.pop("finetune_train", None)
+
+
+def test_smoke_run_on_the_real_smollm2(smollm2_dir: str, tmp_path: Path) -> None:
+    config = parse_config(
+        [
+            "--model_name_or_path",
+            "embedded",
+            "--output_dir",
+            str(tmp_path / "smollm2"),
+            "--max_examples",
+            "16",
+            "--max_seq_length",
+            "192",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--early_stopping_patience",
+            "0",
+            "--report_to",
+            "none",
+        ]
+    )
+    result = train(config)
+    metrics = result.metrics
+    assert metrics["global_step"] == 2 and metrics["train_supervised_tokens"] > 0
+    adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "embedded"
+
+
+def test_bench_runs_and_writes_json(tiny_model_dir: str, tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "train.py"),
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            str(REPO_ROOT / "data" / "customer_support.jsonl"),
+            "--steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--max_examples",
+            "40",
+            "--eval_examples",
+            "4",
+            "--json",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO_ROOT,
+    )
+    report = json.loads(output.read_text())
+    for key in ("speedup_vs_naive", "speedup_vs_trl", "eval_loss_delta"):
+        assert isinstance(report[key], float)
+    for variant in ("naive", "trl", "ours"):
+        assert report[variant]["supervised_tokens"] > 0
+        assert report[variant]["eval_loss"] > 0
+
+
+def test_yaml_safe_dump_of_config_has_no_python_objects(tiny_run) -> None:
+    text = (tiny_run.output_dir / "training_config.yaml").read_text()
+    assert "!!python" not in text
+    assert yaml.safe_load(text)["lora_r"] == 16
