@@ -272,11 +272,14 @@ def _scores(
     references: list[str],
     nll: list[tuple[float, int]],
     latencies: list[float],
+    new_tokens: list[int],
 ) -> dict[str, float]:
     return {
         **text_metrics(answers, references),
         "perplexity": pooled_perplexity(nll),
         **latency_summary(latencies),
+        # Latency grows with answer length: this tells a faster model from a terser one.
+        "new_tokens_mean": sum(new_tokens) / len(new_tokens),
     }
 
 
@@ -308,15 +311,19 @@ def compare(
     engine = TransformersEngine.from_loaded(loaded)
     answers: dict[str, list[str]] = {variant: [] for variant in variants}
     latencies: dict[str, list[float]] = {variant: [] for variant in variants}
+    new_tokens: dict[str, list[int]] = {variant: [] for variant in variants}
     for prompt_ids in tqdm(prompts, desc="Generating", unit="example"):
         for variant in variants:
             event = engine.generate(prompt_ids, settings, use_adapter=variant == "tuned")
             answers[variant].append(event.text.strip())
             latencies[variant].append(event.elapsed)
+            new_tokens[variant].append(event.num_tokens)
 
     result: dict[str, Any] = {variant: None for variant in VARIANTS}
     for variant in variants:
-        result[variant] = _scores(answers[variant], references, nll[variant], latencies[variant])
+        result[variant] = _scores(
+            answers[variant], references, nll[variant], latencies[variant], new_tokens[variant]
+        )
 
     by_task: dict[str, list[int]] = defaultdict(list)
     for index, example in enumerate(examples):
@@ -332,6 +339,7 @@ def compare(
                         [references[i] for i in indices],
                         [nll[variant][i] for i in indices],
                         [latencies[variant][i] for i in indices],
+                        [new_tokens[variant][i] for i in indices],
                     )
                     if variant in variants
                     else None
@@ -435,7 +443,7 @@ def _format(value: float | None) -> str:
 
 
 def _change(metric: str, base: float, tuned: float) -> str:
-    better = (tuned > base) == METRICS[metric] if tuned != base else None
+    better = (tuned > base) == METRICS[metric] if tuned != base and metric in METRICS else None
     mark = "" if better is None else (" ✓" if better else " ✗")
     return f"{tuned - base:+.3g}{mark}"
 
@@ -455,7 +463,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"repetition_penalty {report['generation']['repetition_penalty']}",
         "",
         "ROUGE-L, chrF and BLEU: 0-100, higher is better. Perplexity on the reference answers and "
-        "latency: lower is better.",
+        "latency: lower is better. new_tokens_mean: answer length, for reading the latencies.",
         "",
     ]
     lines += _metric_table(base, tuned)
@@ -475,14 +483,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _metric_table(base: dict[str, float], tuned: dict[str, float] | None) -> list[str]:
+    # Answer length is context for the latencies, neither better nor worse.
+    metrics = [*METRICS, "new_tokens_mean"]
     if tuned is None:
         rows = ["| metric | base |", "|---|---:|"]
-        return rows + [f"| {metric} | {_format(base[metric])} |" for metric in METRICS]
+        return rows + [f"| {metric} | {_format(base[metric])} |" for metric in metrics]
     rows = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
     return rows + [
         f"| {metric} | {_format(base[metric])} | {_format(tuned[metric])} | "
         f"{_change(metric, base[metric], tuned[metric])} |"
-        for metric in METRICS
+        for metric in metrics
     ]
 
 
