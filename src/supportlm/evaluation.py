@@ -221,16 +221,16 @@ def select_data(
     if split == "auto":
         split = "test" if args.dataset is None or is_training_data else "all"
     if split == "test" and is_training_data:
-        reason = "held-out test split of the adapter's training data (same ratios, same hash)"
+        reason = "held out from the adapter's training data (same ratios, same hash)"
     elif split == "test":
-        reason = "test split (hash of the first user message, default ratios)"
+        reason = "by hash of the first user message, default ratios"
     elif trained_on is None:
-        reason = "every example (no training data recorded to hold out)"
+        reason = "no training data recorded to hold out"
     elif is_training_data:
-        reason = "every example, INCLUDING those the adapter was trained on: scores are optimistic"
+        reason = "INCLUDING those the adapter was trained on: scores are optimistic"
         logger.warning("Evaluating on the adapter's own training data: %s", reason)
     else:
-        reason = f"every example; the adapter was trained on other data ({trained_on})"
+        reason = f"the adapter was trained on other data ({trained_on})"
 
     prepared = prepare_dataset(
         dataset, tokenizer, system_prompt=system_prompt, strict=False, **data_args
@@ -468,7 +468,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += _metric_table(base, tuned)
     for task, scores in report["by_task"].items():
-        lines += ["", f"## Task: {task} ({scores['n_examples']} examples)", ""]
+        count = scores["n_examples"]
+        lines += ["", f"## Task: {task} ({count} example{'s' if count != 1 else ''})", ""]
         lines += _metric_table(scores["base"], scores["tuned"])
     lines += ["", "## Sample answers", ""]
     for number, example in enumerate(report["examples"], start=1):
