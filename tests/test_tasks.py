@@ -142,6 +142,17 @@ def test_no_cut_inside_placeholders(tokenizer):
         assert re.fullmatch(r"[^{}]*(\{\{[^{}]*\}\}[^{}]*)*", chunk)
 
 
+def test_no_cut_inside_numbers_urls_or_emails(tokenizer):
+    spans = ["03/12/2024", "https://shop.example.com/track?id=42", "help@example.com", "1234567"]
+    text = " ".join(f"Refund {span} ok" for span in spans * 6)
+    chunks = split_by_tokens(tokenizer, text, chunk_tokens=9, overlap_tokens=0)
+    assert len(chunks) > 10 and "".join(chunks) == text
+    found = [span for chunk in chunks for span in spans if span in chunk]
+    assert len(found) == len(spans) * 6
+    cuts = list(itertools.accumulate(len(chunk) for chunk in chunks))[:-1]
+    assert all(" " in text[cut - 1 : cut + 1] for cut in cuts), "cuts fall between words"
+
+
 def test_sentence_boundaries_are_preferred(tokenizer):
     text = " ".join(f"Sentence number {n} has several words in it." for n in range(30))
     chunks = split_by_tokens(tokenizer, text, chunk_tokens=40, overlap_tokens=0)

@@ -86,13 +86,16 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str, offsets: bool = False
 
 
 def _boundary_strength(text: str, position: int) -> int:
-    """How good a place `position` is to cut `text`: paragraph 3, line 2, sentence 1, else 0."""
+    """How good a place `position` is to cut `text`: paragraph 4, line 3, sentence 2, word 1."""
     before = text[:position].rstrip(" \t")
+    at_space = position == len(text) or text[position].isspace()
     if before.endswith("\n\n"):
-        return 3
+        return 4
     if before.endswith("\n"):
+        return 3
+    if _SENTENCE_END.search(before) and at_space:
         return 2
-    if _SENTENCE_END.search(before) and (position == len(text) or text[position].isspace()):
+    if at_space or text[position - 1].isspace():
         return 1
     return 0
 
@@ -118,7 +121,7 @@ def _split_spans(
             return 0
         return len(text) if token_index >= n else offsets[token_index][0]
 
-    placeholders = [m.span() for m in re.finditer(_PLACEHOLDER, text)]
+    protected = [m.span() for m in _PROTECTED.finditer(text)]
 
     def can_cut(token_index: int) -> bool:
         if token_index in (0, n):
@@ -127,7 +130,7 @@ def _split_spans(
         # Byte-level tokens of one multi-byte character share their offsets: never cut between.
         if position < offsets[token_index - 1][1]:
             return False
-        return not any(start < position < end for start, end in placeholders)
+        return not any(start < position < end for start, end in protected)
 
     spans = []
     start = 0
@@ -154,7 +157,7 @@ def _split_spans(
         # The overlap starts at the earliest sentence start within its window (the longest
         # overlap that does not begin mid-sentence), else at the earliest allowed token.
         window = [i for i in range(max(start + 1, end - overlap_tokens), end) if can_cut(i)]
-        sentence_starts = [i for i in window if _boundary_strength(text, char_position(i))]
+        sentence_starts = [i for i in window if _boundary_strength(text, char_position(i)) > 1]
         start = (sentence_starts or window or [end])[0]
 
 
@@ -165,8 +168,9 @@ def split_by_tokens(
     `overlap_tokens` tokens.
 
     Each chunk is an exact substring of `text`. Cuts prefer, within the second half of each
-    window, a paragraph break, then a line break, then a sentence end; they never fall inside a
-    ``{{placeholder}}`` (a placeholder longer than a whole window makes that chunk longer).
+    window, a paragraph break, then a line break, then a sentence end, then a space; they never
+    fall inside a ``{{placeholder}}``, URL, e-mail address or number (one longer than a whole
+    window makes that chunk longer).
     """
     spans = _split_spans(tokenizer, text, chunk_tokens, overlap_tokens)
     return [text[start:end] for start, end in spans]
