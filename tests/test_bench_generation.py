@@ -7,6 +7,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -23,6 +24,7 @@ def bench_main():
 def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     folder = tmp_path_factory.mktemp("bench-adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)  # the same random adapter on every run
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(folder)
     return folder

@@ -7,6 +7,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -64,6 +65,7 @@ def adapter_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer, dataset) ->
     """A LoRA adapter as finetune/train.py writes it, with random B so that tuned != base."""
     folder = tmp_path_factory.mktemp("adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)  # the same random adapter on every run
     # init_lora_weights=False keeps B random instead of zero: the adapter changes the output.
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
