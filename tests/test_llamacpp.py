@@ -1,0 +1,181 @@
+"""The llama.cpp engine on the embedded GGUF: same text as transformers, LoRA export, batching."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from supportlm.errors import SupportLMError  # noqa: E402
+from supportlm.generation import Engine, GenerationSettings, TransformersEngine  # noqa: E402
+from supportlm.llamacpp import (  # noqa: E402
+    LlamaCppEngine,
+    export_lora_to_gguf,
+    write_merged_gguf,
+)
+from supportlm.modeling import EMBEDDED_GGUF_FILE, embedded_model_dir  # noqa: E402
+from supportlm.prompts import encode_chat  # noqa: E402
+
+GGUF = embedded_model_dir() / EMBEDDED_GGUF_FILE
+GREEDY = GenerationSettings(max_new_tokens=16)  # repetition_penalty 1.1, as the app uses
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_dir):
+    """The same weights as the GGUF, de-quantised (what transformers serves)."""
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, smollm2_dir):
+    """A rank-16 all-linear LoRA with random non-zero B weights, so it changes the answers."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_tokenizer, adapter_dir, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("SUPPORTLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    with LlamaCppEngine.from_gguf(
+        GGUF, smollm2_tokenizer, adapter_dir=adapter_dir, n_ctx=1024, n_threads=2, n_seq_max=2
+    ) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def chat(tokenizer, question: str) -> list[int]:
+    return encode_chat(tokenizer, [{"role": "user", "content": question}])
+
+
+def test_engine_satisfies_the_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.name == "llama.cpp" and engine.has_adapter
+    assert engine.context_length == 1024
+
+
+@pytest.mark.parametrize("question", ["How do I reset my password?", "How do I close my account?"])
+def test_greedy_text_matches_transformers(engine, hf_model, smollm2_tokenizer, question):
+    # Same de-quantised weights, but llama.cpp multiplies Q4_1 weights with 8-bit quantised
+    # activations (logits move by up to ~1), so near-ties can flip later tokens. The first
+    # tokens of these prompts win by more than 1.5 logits: they must agree exactly.
+    prompt = chat(smollm2_tokenizer, question)
+    settings = GenerationSettings(max_new_tokens=5)
+    expected = TransformersEngine(hf_model, smollm2_tokenizer).generate(prompt, settings)
+    got = engine.generate(prompt, settings, use_adapter=False)
+    assert got.text == expected.text
+    assert got.num_tokens == expected.num_tokens == 5
+    assert got.finish_reason == expected.finish_reason == "length"
+
+
+def _llama_cpp_logits(gguf_path, prompt: list[int], lora_path=None) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        str(gguf_path),
+        lora_path=None if lora_path is None else str(lora_path),
+        n_ctx=256,
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+    )
+    try:
+        llm.eval(prompt)
+        return np.array(llm.scores[llm.n_tokens - 1])
+    finally:
+        llm.close()
+
+
+def test_lora_export_and_merge_match_peft_logits(
+    hf_model, smollm2_tokenizer, adapter_dir, tmp_path
+):
+    prompt = chat(smollm2_tokenizer, "I want to cancel order 12345, how do I do that?")
+    with torch.no_grad():
+        base = hf_model(torch.tensor([prompt])).logits[0, -1].numpy()
+        peft_model = PeftModel.from_pretrained(hf_model, adapter_dir)
+        adapted = peft_model(torch.tensor([prompt])).logits[0, -1].numpy()
+        peft_model.unload()  # give the shared fixture its plain modules back
+    # On float32 weights llama.cpp computes what transformers computes (Q4_1 kernels would
+    # quantise activations to 8 bits and move logits by up to ~1, hiding a wrong mapping).
+    f32_base = write_merged_gguf(GGUF, tmp_path / "base-f32.gguf", tensor_type="f32")
+    lora = export_lora_to_gguf(adapter_dir, tmp_path / "lora.gguf", base_gguf=GGUF)
+    merged = write_merged_gguf(
+        f32_base, tmp_path / "merged.gguf", adapter_dir=adapter_dir, tensor_type="f32"
+    )
+
+    assert np.abs(adapted - base).max() > 1.0  # the adapter matters
+    assert np.abs(_llama_cpp_logits(f32_base, prompt) - base).max() < 0.05
+    # A q/k permutation or scale mistake moves logits by ~1; a correct export by ~0.01.
+    assert np.abs(_llama_cpp_logits(f32_base, prompt, lora) - adapted).max() < 0.05
+    assert np.abs(_llama_cpp_logits(merged, prompt) - adapted).max() < 0.05
+
+
+def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
+    prompt = chat(smollm2_tokenizer, "How do I reset my password?")
+    with_adapter = engine.generate(prompt, GREEDY, use_adapter=True).text
+    without = engine.generate(prompt, GREEDY, use_adapter=False).text
+    assert with_adapter != without
+    assert engine.generate(prompt, GREEDY, use_adapter=True).text == with_adapter
+
+
+def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
+    prompt = chat(smollm2_tokenizer, "Write a long story about a lost parcel.")
+    stop = threading.Event()
+    settings = GenerationSettings(max_new_tokens=500, repetition_penalty=1.0)
+    events = []
+    for event in engine.stream(prompt, settings, stop_event=stop, use_adapter=False):
+        events.append(event)
+        if event.num_tokens >= 3:
+            stop.set()
+    assert events[-1].finish_reason == "cancelled"
+    assert events[-1].num_tokens < 20
+    # Both sequences are free again: two more requests run side by side.
+    assert engine.generate(prompt, GREEDY, use_adapter=False).num_tokens == GREEDY.max_new_tokens
+
+
+def test_concurrent_streams_get_their_own_answers(engine, smollm2_tokenizer):
+    questions = ["Where is my parcel?", "Can I pay with PayPal?", "How do I close my account?"]
+    prompts = [chat(smollm2_tokenizer, q) for q in questions]
+    sequential = [engine.generate(p, GREEDY, use_adapter=False).text for p in prompts]
+    # Three requests on two sequences: two decode together, the third waits for a free one.
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: engine.generate(p, GREEDY, use_adapter=False), prompts))
+    assert [event.text for event in together] == sequential
+    assert len(set(sequential)) == len(sequential)
+
+
+def test_bad_request_fails_alone_and_engine_keeps_serving(engine, smollm2_tokenizer):
+    prompt = chat(smollm2_tokenizer, "Where is my parcel?")
+    expected = engine.generate(prompt, GREEDY, use_adapter=False).text
+    running = engine.stream(prompt, GREEDY, use_adapter=False)
+    first = next(running)
+    with pytest.raises(SupportLMError, match="vocabulary"):
+        engine.generate([*prompt, 10**7], GREEDY, use_adapter=False)
+    *_, final = running
+    assert first.text and final.text == expected
+    assert engine.generate(prompt, GREEDY, use_adapter=False).text == expected
+
+
+def test_sampling_is_reproducible_with_a_seed(engine, smollm2_tokenizer):
+    prompt = chat(smollm2_tokenizer, "Suggest a name for a support chatbot.")
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
+    first = engine.generate(prompt, settings, use_adapter=False).text
+    assert engine.generate(prompt, settings, use_adapter=False).text == first
