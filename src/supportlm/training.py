@@ -34,7 +34,7 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
-from supportlm.config import OUTPUTS_DIR, TrainConfig
+from supportlm.config import OUTPUTS_DIR, TrainConfig, default_output_dir
 from supportlm.data import Example, prepare_dataset
 from supportlm.errors import SupportLMError
 from supportlm.modeling import EMBEDDED_MODEL, EMBEDDED_UPSTREAM_ID, LoadedModel, load_model
@@ -447,7 +447,7 @@ tags: [lora, sft, customer-support, supportlm]
 # {Path(config.training.output_dir).name}
 
 A LoRA adapter that turns `{upstream}` into a customer-service assistant, trained with
-[supportlm](https://github.com/) (`finetune/train.py`).
+supportlm's `finetune/train.py`.
 
 - Base model: `{base}` ({loaded.source.display_name}), {loaded.quantization} quantization,
   {str(loaded.dtype).removeprefix("torch.")} on {loaded.device}
@@ -494,8 +494,6 @@ def default_adapter_dir(outputs_dir: str | Path = OUTPUTS_DIR) -> Path | None:
     Reads ``outputs/latest`` (written by `train`), falling back to the default run folder of the
     embedded model, ``outputs/smollm2-support``.
     """
-    from supportlm.config import default_output_dir
-
     outputs_dir = Path(outputs_dir)
     candidates = []
     latest = outputs_dir / LATEST_FILE
