@@ -1,24 +1,30 @@
 """Fine-tune a LoRA adapter for customer service.
 
-    python finetune/train.py --config finetune/configs/default.yaml [--flag value ...]
+    python finetune/train.py [--config finetune/configs/default.yaml] [--flag value ...]
 
-Flags override the YAML; `--help` lists every setting. See `supportlm.config` and
-`supportlm.training`.
+Without `--config` the checked-in default run (finetune/configs/default.yaml) is used. Flags
+override the YAML; `--help` lists every setting. See `supportlm.config` and `supportlm.training`.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import supportlm
 from supportlm.config import parse_config
 from supportlm.errors import SupportLMError
 from supportlm.training import train
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     supportlm.setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and not any(arg.startswith("--config=") for arg in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     try:
         config = parse_config(argv)
         train(config)

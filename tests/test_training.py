@@ -20,10 +20,9 @@ from supportlm.data import Example
 from supportlm.errors import SupportLMError
 from supportlm.modeling import check_adapter_base, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, tokenize_conversation
+from supportlm.runs import LATEST_FILE, default_adapter_dir
 from supportlm.training import (
-    LATEST_FILE,
     SupportLMTrainer,
-    default_adapter_dir,
     supervised_lm_loss,
     tokenize_examples,
     train,

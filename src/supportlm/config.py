@@ -32,9 +32,9 @@ from supportlm.modeling import (
     resolve_model,
 )
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
+from supportlm.runs import default_output_dir
 
 #: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
-OUTPUTS_DIR = Path("outputs")
 
 _DATASET_SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -348,19 +348,6 @@ class TrainConfig:
                 flat[name] = current[name]
         flat["output_dir"] = self.training.output_dir
         return flat
-
-
-def run_name(model_name_or_path: str) -> str:
-    """A short folder name for a run: ``smollm2-support`` for the embedded model."""
-    if model_name_or_path == EMBEDDED_MODEL:
-        return "smollm2-support"
-    stem = Path(model_name_or_path.rstrip("/")).name.removesuffix(".gguf")
-    slug = re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-")
-    return f"{slug or 'model'}-support"
-
-
-def default_output_dir(model_name_or_path: str) -> Path:
-    return OUTPUTS_DIR / run_name(model_name_or_path)
 
 
 def make_parser() -> TrlParser:

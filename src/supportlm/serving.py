@@ -45,6 +45,7 @@ from supportlm.prompts import (
     load_prompt_style,
     with_system_prompt,
 )
+from supportlm.runs import default_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +154,6 @@ class AppSettings:
         )
 
 
-def _default_adapter_dir() -> Path | None:
-    # Imported here: the training module pulls in TRL, which the app needs only for this lookup.
-    from supportlm.training import default_adapter_dir
-
-    return default_adapter_dir()
-
-
 def resolve_model_and_adapter(
     model: str | None, adapter: str | None, notes: list[str]
 ) -> tuple[str, str | None]:
@@ -175,7 +169,7 @@ def resolve_model_and_adapter(
         logger.info(message)
 
     if model is None and adapter is None:
-        trained = _default_adapter_dir()
+        trained = default_adapter_dir()
         if trained is not None:
             adapter = str(trained)
             note(

@@ -34,18 +34,15 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
-from supportlm.config import OUTPUTS_DIR, TrainConfig, default_output_dir
+from supportlm.config import TrainConfig
 from supportlm.data import Example, prepare_dataset
 from supportlm.errors import SupportLMError
 from supportlm.modeling import EMBEDDED_MODEL, EMBEDDED_UPSTREAM_ID, LoadedModel, load_model
 from supportlm.prompts import IGNORE_INDEX, save_prompt_style, tokenize_conversation
 from supportlm.prompts import with_system_prompt as add_system_prompt
+from supportlm.runs import ADAPTER_CONFIG, update_latest
 
 logger = logging.getLogger(__name__)
-
-#: Text file in `OUTPUTS_DIR` naming the folder of the last finished run (read by the app).
-LATEST_FILE = "latest"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,33 +474,6 @@ The chat template and system prompt used in training are saved here (`supportlm_
 and loaded by the app. Merge into a standalone model with
 `python finetune/merge.py --adapter {config.training.output_dir} --output_dir merged`.
 """
-
-
-def update_latest(output_dir: Path, outputs_dir: Path = OUTPUTS_DIR) -> None:
-    """Point ``outputs/latest`` at `output_dir` when the run lives under `outputs_dir`."""
-    output_dir = output_dir.resolve()
-    outputs_dir = outputs_dir.resolve()
-    if outputs_dir not in output_dir.parents:
-        return
-    (outputs_dir / LATEST_FILE).write_text(output_dir.relative_to(outputs_dir).as_posix() + "\n")
-
-
-def default_adapter_dir(outputs_dir: str | Path = OUTPUTS_DIR) -> Path | None:
-    """The adapter of the last finished training run, or None when there is none.
-
-    Reads ``outputs/latest`` (written by `train`), falling back to the default run folder of the
-    embedded model, ``outputs/smollm2-support``.
-    """
-    outputs_dir = Path(outputs_dir)
-    candidates = []
-    latest = outputs_dir / LATEST_FILE
-    if latest.is_file():
-        candidates.append(outputs_dir / latest.read_text().strip())
-    candidates.append(outputs_dir / default_output_dir(EMBEDDED_MODEL).name)
-    for candidate in candidates:
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
