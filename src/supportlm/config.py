@@ -236,6 +236,11 @@ class TrainingArguments(SFTConfig):
             "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
         },
     )
+    # Evaluation needs only the loss: keeping the logits would hold batch x length x vocabulary
+    # floats per batch (~600 MB for 8 x 375 x 49,152) and bypass the supervised-only head.
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluate the loss only, without gathering logits."}
+    )
     eval_strategy: IntervalStrategy | str = field(
         default="steps",
         metadata={"help": "When to evaluate on the validation split: steps, epoch or no."},

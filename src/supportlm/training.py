@@ -291,11 +291,6 @@ def train(config: TrainConfig) -> TrainResult:
         peft_config=lora_args.to_peft_config(),
         callbacks=callbacks,
     )
-    # Record the canonical model name ("embedded", a Hub id…), not the conversion cache folder,
-    # so `supportlm.modeling.check_adapter_base` can match the adapter to its base anywhere.
-    for peft_config in trainer.model.peft_config.values():
-        peft_config.base_model_name_or_path = loaded.source.name
-
     counts = parameter_counts(trainer.model)
     logger.info(
         "Trainable parameters: %s of %s (%.2f%%)",
@@ -373,6 +368,10 @@ def write_output_dir(
 ) -> None:
     """Everything someone handed only this folder needs to serve and judge the adapter."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Record the canonical model name ("embedded", a Hub id…), not the conversion cache folder,
+    # so `supportlm.modeling.check_adapter_base` can match the adapter to its base anywhere. Only
+    # in the saved file: on the live model PEFT would try to fetch "embedded" from the Hub at
+    # every checkpoint.
     _rewrite_adapter_base(output_dir, loaded.source.name)
     save_prompt_style(output_dir, loaded.tokenizer, config.model.system_prompt)
     (output_dir / "training_config.yaml").write_text(
