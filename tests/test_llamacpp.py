@@ -18,11 +18,14 @@ from supportlm.errors import SupportLMError  # noqa: E402
 from supportlm.generation import Engine, GenerationSettings, TransformersEngine  # noqa: E402
 from supportlm.llamacpp import (  # noqa: E402
     LlamaCppEngine,
+    cached_lora_gguf,
+    cached_reencoded_gguf,
     export_lora_to_gguf,
     write_merged_gguf,
 )
 from supportlm.modeling import EMBEDDED_GGUF_FILE, embedded_model_dir  # noqa: E402
 from supportlm.prompts import encode_chat  # noqa: E402
+from supportlm.serving import AppSettings, build_engine  # noqa: E402
 
 GGUF = embedded_model_dir() / EMBEDDED_GGUF_FILE
 GREEDY = GenerationSettings(max_new_tokens=16)  # repetition_penalty 1.1, as the app uses
@@ -50,12 +53,32 @@ def adapter_dir(tmp_path_factory, smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_tokenizer, adapter_dir, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("SUPPORTLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+def cache(tmp_path_factory, monkeypatch_module):
+    """The supportlm cache (LoRA exports, re-encoded bases) for this module's tests."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch_module.setenv("SUPPORTLM_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_tokenizer, adapter_dir, cache):
+    # The original Q4_1 weights: the transformers comparisons below reason about their margins.
     with LlamaCppEngine.from_gguf(
-        GGUF, smollm2_tokenizer, adapter_dir=adapter_dir, n_ctx=1024, n_threads=2, n_seq_max=2
+        GGUF,
+        smollm2_tokenizer,
+        adapter_dir=adapter_dir,
+        n_ctx=1024,
+        n_threads=2,
+        n_seq_max=2,
+        weights="original",
     ) as engine:
         yield engine
+
+
+@pytest.fixture(scope="module")
+def f32_base(tmp_path_factory):
+    """The Q4_1 weights de-quantised to float32: llama.cpp then computes what transformers does."""
+    return write_merged_gguf(GGUF, tmp_path_factory.mktemp("f32") / "base.gguf", tensor_type="f32")
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +111,11 @@ def test_greedy_text_matches_transformers(engine, hf_model, smollm2_tokenizer, q
     assert got.finish_reason == expected.finish_reason == "length"
 
 
-def _llama_cpp_logits(gguf_path, prompt: list[int], lora_path=None) -> np.ndarray:
+def _llama_cpp_logits(gguf_path, prompt: list[int], lora_path=None, lora_scale=1.0) -> np.ndarray:
     llm = llama_cpp.Llama(
         str(gguf_path),
         lora_path=None if lora_path is None else str(lora_path),
+        lora_scale=lora_scale,
         n_ctx=256,
         n_threads=2,
         logits_all=True,
@@ -105,7 +129,7 @@ def _llama_cpp_logits(gguf_path, prompt: list[int], lora_path=None) -> np.ndarra
 
 
 def test_lora_export_and_merge_match_peft_logits(
-    hf_model, smollm2_tokenizer, adapter_dir, tmp_path
+    hf_model, smollm2_tokenizer, adapter_dir, f32_base, tmp_path
 ):
     prompt = chat(smollm2_tokenizer, "I want to cancel order 12345, how do I do that?")
     with torch.no_grad():
@@ -115,7 +139,6 @@ def test_lora_export_and_merge_match_peft_logits(
         peft_model.unload()  # give the shared fixture its plain modules back
     # On float32 weights llama.cpp computes what transformers computes (Q4_1 kernels would
     # quantise activations to 8 bits and move logits by up to ~1, hiding a wrong mapping).
-    f32_base = write_merged_gguf(GGUF, tmp_path / "base-f32.gguf", tensor_type="f32")
     lora = export_lora_to_gguf(adapter_dir, tmp_path / "lora.gguf", base_gguf=GGUF)
     merged = write_merged_gguf(
         f32_base, tmp_path / "merged.gguf", adapter_dir=adapter_dir, tensor_type="f32"
@@ -126,6 +149,8 @@ def test_lora_export_and_merge_match_peft_logits(
     # A q/k permutation or scale mistake moves logits by ~1; a correct export by ~0.01.
     assert np.abs(_llama_cpp_logits(f32_base, prompt, lora) - adapted).max() < 0.05
     assert np.abs(_llama_cpp_logits(merged, prompt) - adapted).max() < 0.05
+    # The merged model with the LoRA negated is the base again (use_adapter=False, "merged").
+    assert np.abs(_llama_cpp_logits(merged, prompt, lora, lora_scale=-1.0) - base).max() < 0.05
 
 
 def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
@@ -179,3 +204,118 @@ def test_sampling_is_reproducible_with_a_seed(engine, smollm2_tokenizer):
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
     first = engine.generate(prompt, settings, use_adapter=False).text
     assert engine.generate(prompt, settings, use_adapter=False).text == first
+
+
+QUESTIONS = [
+    "I want to cancel order 12345, how do I do that?",
+    "How do I reset my password?",
+    "My parcel arrived damaged. What now?",
+]
+
+
+def _centered_rms(logits: np.ndarray) -> float:
+    # Softmax ignores a constant shift of all logits; llama.cpp's rounding shifts them a little.
+    return float(np.sqrt(np.mean((logits - logits.mean()) ** 2)))
+
+
+def test_q8_0_reencoding_keeps_the_4_bit_values(cache):
+    import gguf
+    from gguf.quants import dequantize
+
+    original = {t.name: t for t in gguf.GGUFReader(GGUF).tensors}
+    reencoded = gguf.GGUFReader(cached_reencoded_gguf(GGUF, "q8_0")).tensors
+    for tensor in reencoded:
+        source = original[tensor.name]
+        if source.tensor_type == tensor.tensor_type:  # token_embd is Q8_0 already
+            assert np.array_equal(np.asarray(tensor.data), np.asarray(source.data))
+            continue
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        want = dequantize(source.data, source.tensor_type).ravel()
+        got = dequantize(tensor.data, tensor.tensor_type).ravel()
+        # Q4_1's own rounding is ~8 % of the weights' RMS; Q8_0's grid adds ~0.6 %.
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+
+
+def test_q8_0_reencoding_with_the_lora_matches_peft_logits(
+    hf_model, smollm2_tokenizer, adapter_dir, cache
+):
+    prompts = [chat(smollm2_tokenizer, question) for question in QUESTIONS]
+    with torch.no_grad():
+        base = [hf_model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
+        peft_model = PeftModel.from_pretrained(hf_model, adapter_dir)
+        adapted = [peft_model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
+        peft_model.unload()
+    lora = cached_lora_gguf(adapter_dir, GGUF)
+    q8_0 = cached_reencoded_gguf(GGUF, "q8_0")
+    merged = cached_reencoded_gguf(GGUF, "q8_0", adapter_dir=adapter_dir)
+    # llama.cpp rounds activations to 8 bits for quantised weights, so even the original Q4_1
+    # file with the LoRA is ~0.15 (centred RMS) away from PEFT on its own de-quantised weights;
+    # float32 files, exact to 0.05, are tested above. The Q8_0 re-encoding may add at most 0.1
+    # to that (measured: <= 0.06); leaving the adapter out costs ~0.3.
+    for prompt, want_base, want_adapted in zip(prompts, base, adapted, strict=True):
+        reference = _centered_rms(_llama_cpp_logits(GGUF, prompt, lora) - want_adapted)
+        served = {  # weights="q8_0" and weights="merged", with and without the adapter
+            "Q8_0 + LoRA": (_llama_cpp_logits(q8_0, prompt, lora), want_adapted),
+            "merged": (_llama_cpp_logits(merged, prompt), want_adapted),
+            "Q8_0": (_llama_cpp_logits(q8_0, prompt), want_base),
+            "merged - LoRA": (_llama_cpp_logits(merged, prompt, lora, -1.0), want_base),
+        }
+        for name, (got, want) in served.items():
+            assert _centered_rms(got - want) < reference + 0.1, name
+
+
+def test_merged_engine_serves_both_adapter_states(smollm2_tokenizer, adapter_dir, f32_base, cache):
+    # On float32 files llama.cpp matches transformers to 0.05, so greedy texts are comparable:
+    # the merged model (LoRA negated when off) must answer like the base with a runtime LoRA.
+    lora = cached_lora_gguf(adapter_dir, GGUF)
+    merged = cached_reencoded_gguf(GGUF, "f32", adapter_dir=adapter_dir)
+    prompt = chat(smollm2_tokenizer, "How do I reset my password?")
+    options = {"n_ctx": 512, "n_threads": 2, "n_seq_max": 1}
+    short = GenerationSettings(max_new_tokens=8)  # later tokens can hinge on 0.05-logit ties
+    with (
+        LlamaCppEngine(merged, smollm2_tokenizer, lora_path=lora, lora_merged=True, **options) as m,
+        LlamaCppEngine(f32_base, smollm2_tokenizer, lora_path=lora, **options) as runtime,
+    ):
+        for use_adapter in (True, False, True):
+            text = m.generate(prompt, short, use_adapter=use_adapter).text
+            assert text == runtime.generate(prompt, short, use_adapter=use_adapter).text
+        on, off = (m.generate(prompt, GREEDY, use_adapter=flag).text for flag in (True, False))
+        assert on != off
+
+
+def test_from_gguf_weights_option(smollm2_tokenizer, adapter_dir, cache):
+    with pytest.raises(SupportLMError, match="weights must be one of"):
+        LlamaCppEngine.from_gguf(GGUF, smollm2_tokenizer, weights="q4_0")
+    options = {"n_ctx": 512, "n_threads": 2, "n_seq_max": 1}
+    with LlamaCppEngine.from_gguf(
+        GGUF, smollm2_tokenizer, adapter_dir=adapter_dir, **options
+    ) as engine:  # auto: a 4-bit base is served as Q8_0 with the adapter merged
+        assert engine.has_adapter
+        assert "as Q8_0" in engine.description and "(merged)" in engine.description
+        prompt = chat(smollm2_tokenizer, "How do I reset my password?")
+        on = engine.generate(prompt, GREEDY, use_adapter=True)
+        off = engine.generate(prompt, GREEDY, use_adapter=False)
+        assert on.num_tokens and off.num_tokens and on.text != off.text
+    with LlamaCppEngine.from_gguf(GGUF, smollm2_tokenizer, weights="q8_0", **options) as engine:
+        assert not engine.has_adapter and "as Q8_0" in engine.description
+
+
+def test_app_settings_choose_the_llamacpp_weights_and_threads(smollm2_tokenizer, cache):
+    environ = {
+        "SUPPORTLM_MODEL": str(GGUF),
+        "SUPPORTLM_BACKEND": "llama.cpp",
+        "SUPPORTLM_CONTEXT_LENGTH": "512",
+        "SUPPORTLM_MAX_INPUT_TOKENS": "256",
+        "SUPPORTLM_CONCURRENCY": "1",
+        "SUPPORTLM_LLAMACPP_WEIGHTS": "original",
+        "SUPPORTLM_LLAMACPP_THREADS": "1",
+    }
+    settings = AppSettings.from_env(environ)
+    assert (settings.llamacpp_weights, settings.llamacpp_threads) == ("original", 1)
+    engine = build_engine(settings)
+    try:
+        assert engine.description == f"llama.cpp · {GGUF.name}"
+    finally:
+        engine.close()
+    with pytest.raises(SupportLMError, match="SUPPORTLM_LLAMACPP_WEIGHTS"):
+        AppSettings.from_env({**environ, "SUPPORTLM_LLAMACPP_WEIGHTS": "fp8"})

@@ -102,6 +102,17 @@ class AppSettings:
     context_length: int = field(
         default=2048, metadata={"help": "SUPPORTLM_CONTEXT_LENGTH: prompt + reply tokens."}
     )
+    llamacpp_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "SUPPORTLM_LLAMACPP_WEIGHTS: auto, merged, q8_0 or original; see "
+            "`LlamaCppEngine.from_gguf`."
+        },
+    )
+    llamacpp_threads: int = field(
+        default=0,
+        metadata={"help": "SUPPORTLM_LLAMACPP_THREADS: llama.cpp CPU threads; 0: one per core."},
+    )
     notes: list[str] = field(
         default_factory=list, metadata={"help": "Decisions taken while resolving, with reasons."}
     )
@@ -123,6 +134,17 @@ class AppSettings:
             raise SupportLMError(
                 f"max_input_tokens ({self.max_input_tokens}) must be smaller than "
                 f"context_length ({self.context_length}) to leave room for the reply."
+            )
+        from supportlm.llamacpp import WEIGHTS_CHOICES
+
+        if self.llamacpp_weights not in WEIGHTS_CHOICES:
+            choices = ", ".join(WEIGHTS_CHOICES)
+            raise SupportLMError(
+                f"SUPPORTLM_LLAMACPP_WEIGHTS={self.llamacpp_weights!r} is not one of {choices}."
+            )
+        if self.llamacpp_threads < 0:
+            raise SupportLMError(
+                f"llamacpp_threads must be 0 or more, got {self.llamacpp_threads}."
             )
         self.feedback_db = Path(self.feedback_db)
 
@@ -150,6 +172,8 @@ class AppSettings:
             concurrency=_env_int(environ, "SUPPORTLM_CONCURRENCY", 4),
             max_queue=_env_int(environ, "SUPPORTLM_MAX_QUEUE", 32),
             context_length=_env_int(environ, "SUPPORTLM_CONTEXT_LENGTH", 2048),
+            llamacpp_weights=environ.get("SUPPORTLM_LLAMACPP_WEIGHTS", "").strip() or "auto",
+            llamacpp_threads=_env_int(environ, "SUPPORTLM_LLAMACPP_THREADS", 0),
             notes=notes,
         )
 
@@ -249,6 +273,8 @@ def _build_llamacpp_engine(settings: AppSettings, source: ModelSource) -> Engine
         adapter_dir=settings.adapter,
         n_seq_max=settings.concurrency,
         n_ctx=settings.context_length,
+        weights=settings.llamacpp_weights,
+        n_threads=settings.llamacpp_threads or None,
     )
 
 
