@@ -11,8 +11,8 @@ it measures
   installed and the model is a GGUF, else transformers) with the adapter, called like the app
   calls it: `generate` (whole reply) and `stream` (every event consumed, timed by the consumer);
 * app_no_adapter: the same engine with the adapter switched off for the request;
-* app_merged: transformers only, the adapter merged into the weights (llama.cpp serves its LoRA
-  unmerged, so the row is null there);
+* app_merged: transformers only, the adapter merged into the weights (on llama.cpp the row is
+  null: there ``SUPPORTLM_LLAMACPP_WEIGHTS`` decides, and its default already merges it);
 * llamacpp: llama-cpp-python's high-level `Llama` on the same GGUF (and the same LoRA), when
   `llama_cpp` is importable: what the app's path could reach.
 
@@ -53,7 +53,7 @@ from supportlm.prompts import (
     load_prompt_style,
     with_system_prompt,
 )
-from supportlm.serving import AppSettings, build_engine, resolve_backend
+from supportlm.serving import AppSettings, build_engine
 
 QUESTION = (
     "I ordered a cast-iron casserole two weeks ago and it arrived with a cracked lid. Explain "
@@ -355,9 +355,18 @@ def build_prompts(
 
 
 def build_app_engine(model: str, adapter: str | None, backend: str) -> Engine:
-    """The engine the app builds for this model, adapter and backend (`supportlm.serving`)."""
-    resolved = resolve_backend(backend, model, [])
-    return build_engine(AppSettings(model=model, adapter=adapter, backend=resolved))
+    """The engine `python app.py` builds for this model, adapter and backend.
+
+    Read through `AppSettings.from_env`, so the other ``SUPPORTLM_*`` variables of this
+    process (context length, concurrency, llama.cpp weights and threads) apply as in the app.
+    """
+    environ = {
+        **os.environ,
+        "SUPPORTLM_MODEL": model,
+        "SUPPORTLM_ADAPTER": adapter or "",
+        "SUPPORTLM_BACKEND": backend,
+    }
+    return build_engine(AppSettings.from_env(environ))
 
 
 def _close(engine: Engine) -> None:
