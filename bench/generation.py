@@ -295,7 +295,6 @@ def bench_llamacpp(
     llm = Llama(
         model_path=str(gguf_path),
         n_ctx=2048,
-        n_threads=os.cpu_count(),
         verbose=False,
         **kwargs,
     )

@@ -465,6 +465,7 @@ class LlamaCppEngine:
         n_seq_max: int = 4,
         n_batch: int = 512,
         prefill_chunk: int = 128,
+        min_decode_batch: int = 1,
         description: str = "",
         verbose: bool = False,
     ) -> None:
@@ -479,7 +480,11 @@ class LlamaCppEngine:
         self._stop_ids = frozenset(end_of_turn_token_ids(tokenizer))
         self._n_batch = n_batch
         self._prefill_chunk = min(prefill_chunk, n_batch)
-        n_threads = n_threads or os.cpu_count() or 1
+        self._min_decode_batch = min_decode_batch
+        # llama-cpp-python's own default (one per physical core on SMT machines). On 2 cores,
+        # 2 threads decoded 1.5x slower than 1 when anything else ran: ggml's threads spin at a
+        # barrier per graph node, so one preempted thread stalls the other.
+        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
 
         llama_cpp.llama_backend_init()
         self._model = llama_cpp.llama_model_load_from_file(
@@ -583,6 +588,7 @@ class LlamaCppEngine:
         description = f"llama.cpp · {gguf_path.name}"
         if served != gguf_path:
             description += " as Q8_0"
+            kwargs.setdefault("min_decode_batch", 4)
         if adapter_dir:
             description += f" + LoRA {Path(adapter_dir).name}" + (" (merged)" if merged else "")
         return cls(
@@ -787,6 +793,18 @@ class LlamaCppEngine:
         self._adapter_on = on
 
     def _step(self) -> None:
+        decoding = [r for r in self._running if not r.prefilling]
+        if len(decoding) == len(self._running) and 1 < len(decoding) < self._min_decode_batch:
+            # llama.cpp multiplies a batch of 2-3 tokens with llamafile's tiled kernel, which on
+            # AVX2 costs 3x a single token's mat-vec for Q8_0 weights (measured): one token per
+            # call is faster until the batch is large enough to pay off.
+            for request in decoding:
+                self._decode([request], prefill=False)
+        else:
+            self._decode(decoding, prefill=True)
+
+    def _decode(self, decoding: list[_Request], *, prefill: bool) -> None:
+        """One `llama_decode`: a token for each of `decoding`, then prompt chunks if `prefill`."""
         batch = self._batch
         batch.n_tokens = 0
         outputs: list[tuple[_Request, int]] = []
@@ -803,12 +821,11 @@ class LlamaCppEngine:
             if want_logits:
                 outputs.append((request, i))
 
-        decoding = [r for r in self._running if not r.prefilling]
         for request in decoding:
             add(request, request.pending_token, True)
         # While answers are streaming, prompts enter in small chunks so those answers keep
         # flowing; with nothing streaming, a prompt takes the whole batch.
-        budget = self._n_batch - len(decoding)
+        budget = self._n_batch - len(decoding) if prefill else 0
         if decoding:
             budget = min(budget, self._prefill_chunk)
         for request in self._running:

@@ -111,7 +111,7 @@ class AppSettings:
     )
     llamacpp_threads: int = field(
         default=0,
-        metadata={"help": "SUPPORTLM_LLAMACPP_THREADS: llama.cpp CPU threads; 0: one per core."},
+        metadata={"help": "SUPPORTLM_LLAMACPP_THREADS: llama.cpp CPU threads; 0: half the cores."},
     )
     notes: list[str] = field(
         default_factory=list, metadata={"help": "Decisions taken while resolving, with reasons."}
