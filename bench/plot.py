@@ -18,9 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def _bars(axis, labels: list[str], values: list[float], title: str, unit: str) -> None:
+def _bars(
+    axis, labels: list[str], values: list[float], title: str, unit: str, fmt: str = "%.1f"
+) -> None:
     bars = axis.bar(labels, values, color=["#9aa5b1"] + ["#3b7dd8"] * (len(values) - 1))
-    axis.bar_label(bars, fmt="%.1f")
+    axis.bar_label(bars, fmt=fmt)
     axis.set_title(title)
     axis.set_ylabel(unit)
     axis.tick_params(axis="x", labelrotation=20)
@@ -42,7 +44,7 @@ def plot_generation(results: dict, path: Path) -> None:
     labels = [name for name, _ in cases]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     _bars(axes[0], labels, [c["decode_tok_s"] for _, c in cases], "Decode speed", "tokens/s")
-    _bars(axes[1], labels, [c["ttft_s"] for _, c in cases], "Time to first token", "seconds")
+    _bars(axes[1], labels, [c["ttft_s"] for _, c in cases], "Time to first token", "s", "%.2f")
     figure.suptitle("Generation: SmolLM2-135M-Instruct, greedy, same prompt")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
