@@ -277,3 +277,16 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
     assert report["n_clients"]["clients"] == 2 and report["n_clients"]["requests"] == 2
     assert report["one_client"]["tokens"] > 0
     assert report["p95_ttft_s"] is not None
+
+
+def test_the_readme_api_example_runs(app, repo_root) -> None:
+    """The README's gradio_client example, run as written against this app."""
+    readme = (repo_root / "README.md").read_text()
+    section = readme[readme.index("### Use the app from Python (API)") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
+    code = code.replace('"http://127.0.0.1:7860/"', repr(app["url"]))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert isinstance(namespace["reply"], str) and namespace["reply"]
+    for name in ("follow_up", "summary", "actions", "french"):
+        assert isinstance(namespace[name], str), name
