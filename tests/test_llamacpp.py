@@ -41,6 +41,7 @@ def hf_model(smollm2_dir):
 def adapter_dir(tmp_path_factory, smollm2_dir):
     """A rank-16 all-linear LoRA with random non-zero B weights, so it changes the answers."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    torch.manual_seed(0)  # LoRA A is initialised randomly too: the same adapter every run
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -154,11 +155,14 @@ def test_lora_export_and_merge_match_peft_logits(
 
 
 def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
-    prompt = chat(smollm2_tokenizer, "How do I reset my password?")
-    with_adapter = engine.generate(prompt, GREEDY, use_adapter=True).text
-    without = engine.generate(prompt, GREEDY, use_adapter=False).text
+    # A small random adapter need not change every greedy answer; it must change some, and
+    # switching it back on must give the same answer again.
+    questions = ["How do I reset my password?", "Where is my parcel?", "Can I return a lamp?"]
+    prompts = [chat(smollm2_tokenizer, question) for question in questions]
+    with_adapter = [engine.generate(p, GREEDY, use_adapter=True).text for p in prompts]
+    without = [engine.generate(p, GREEDY, use_adapter=False).text for p in prompts]
     assert with_adapter != without
-    assert engine.generate(prompt, GREEDY, use_adapter=True).text == with_adapter
+    assert engine.generate(prompts[0], GREEDY, use_adapter=True).text == with_adapter[0]
 
 
 def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
