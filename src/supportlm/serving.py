@@ -415,13 +415,7 @@ class Assistant:
         events = self.engine.stream(
             prompt_ids, settings, stop_event=stop_event, use_adapter=use_adapter
         )
-        # Gradio closes a handler's generator when the user presses Stop or disconnects; closing
-        # the engine's generator here (and the event) makes the model stop, not just the UI.
-        try:
-            with contextlib.closing(events):
-                yield from events
-        finally:
-            stop_event.set()
+        yield from _stop_when_closed(events, stop_event)
 
     def summarize(
         self,
@@ -444,11 +438,7 @@ class Assistant:
             progress=progress,
             stop_event=stop_event,
         )
-        try:
-            with contextlib.closing(events):
-                yield from events
-        finally:
-            stop_event.set()
+        yield from _stop_when_closed(events, stop_event)
 
     def translate(
         self,
@@ -472,11 +462,7 @@ class Assistant:
             progress=progress,
             stop_event=stop_event,
         )
-        try:
-            with contextlib.closing(events):
-                yield from events
-        finally:
-            stop_event.set()
+        yield from _stop_when_closed(events, stop_event)
 
     def count_tokens(self, text: str) -> int:
         from supportlm import tasks
@@ -555,3 +541,18 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[
         else:
             rows.append((name, json.dumps(value) if not isinstance(value, str) else value))
     return rows
+
+
+def _stop_when_closed(
+    events: Iterator[StreamEvent], stop_event: threading.Event
+) -> Iterator[StreamEvent]:
+    """Yield `events`; when the consumer goes away, close them and set `stop_event`.
+
+    Gradio closes a handler's generator when the user presses Stop or disconnects; closing the
+    engine's generator here (and the event) makes the model stop, not just the UI.
+    """
+    try:
+        with contextlib.closing(events):
+            yield from events
+    finally:
+        stop_event.set()
