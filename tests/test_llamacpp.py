@@ -96,6 +96,7 @@ def test_engine_satisfies_the_protocol(engine):
     assert isinstance(engine, Engine)
     assert engine.name == "llama.cpp" and engine.has_adapter
     assert engine.context_length == 1024
+    assert (engine.lanes, engine.threads) == (2, 2)
 
 
 @pytest.mark.parametrize("question", ["How do I reset my password?", "How do I close my account?"])
@@ -189,6 +190,35 @@ def test_concurrent_streams_get_their_own_answers(engine, smollm2_tokenizer):
         together = list(pool.map(lambda p: engine.generate(p, GREEDY, use_adapter=False), prompts))
     assert [event.text for event in together] == sequential
     assert len(set(sequential)) == len(sequential)
+
+
+def test_lanes_split_the_sequences_and_threads(smollm2_tokenizer, adapter_dir, cache):
+    options = {"n_ctx": 256, "adapter_dir": adapter_dir, "weights": "original"}
+    with LlamaCppEngine.from_gguf(
+        GGUF, smollm2_tokenizer, n_threads=3, n_seq_max=5, **options
+    ) as e:
+        assert (e.lanes, e.threads) == (3, 3)
+        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(2, 1), (2, 1), (1, 1)]
+        assert e.description.endswith("3 lanes on 3 threads")
+    with LlamaCppEngine.from_gguf(
+        GGUF, smollm2_tokenizer, n_threads=4, n_seq_max=2, **options
+    ) as e:
+        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(1, 2), (1, 2)]
+    with LlamaCppEngine.from_gguf(GGUF, smollm2_tokenizer, n_threads=2, n_lanes=1, **options) as e:
+        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(4, 2)]
+
+
+def test_both_adapter_states_run_at_once_on_two_lanes(engine, smollm2_tokenizer):
+    # The fixture has two lanes of one sequence: an adapter-on and an adapter-off request go
+    # to different lanes and decode side by side, each with its own LoRA state.
+    prompts = [chat(smollm2_tokenizer, q) for q in ("Where is my parcel?", "Can I return a lamp?")]
+    states = [True, False, True, False]
+    jobs = [(prompt, state) for prompt in prompts for state in states[:2]]
+    sequential = [engine.generate(p, GREEDY, use_adapter=state).text for p, state in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = pool.map(lambda job: engine.generate(job[0], GREEDY, use_adapter=job[1]), jobs)
+        assert [event.text for event in together] == sequential
+    assert sequential[0] != sequential[1] or sequential[2] != sequential[3]
 
 
 def test_bad_request_fails_alone_and_engine_keeps_serving(engine, smollm2_tokenizer):
@@ -312,13 +342,16 @@ def test_app_settings_choose_the_llamacpp_weights_and_threads(smollm2_tokenizer,
         "SUPPORTLM_MAX_INPUT_TOKENS": "256",
         "SUPPORTLM_CONCURRENCY": "1",
         "SUPPORTLM_LLAMACPP_WEIGHTS": "original",
-        "SUPPORTLM_LLAMACPP_THREADS": "1",
+        "SUPPORTLM_LLAMACPP_THREADS": "2",
+        "SUPPORTLM_LLAMACPP_LANES": "1",
     }
     settings = AppSettings.from_env(environ)
-    assert (settings.llamacpp_weights, settings.llamacpp_threads) == ("original", 1)
+    assert (settings.llamacpp_weights, settings.llamacpp_threads) == ("original", 2)
+    assert settings.llamacpp_lanes == 1
     engine = build_engine(settings)
     try:
-        assert engine.description == f"llama.cpp · {GGUF.name}"
+        assert engine.description == f"llama.cpp · {GGUF.name} · 1 lane on 2 threads"
+        assert (engine.lanes, engine.threads) == (1, 2)
     finally:
         engine.close()
     with pytest.raises(SupportLMError, match="SUPPORTLM_LLAMACPP_WEIGHTS"):

@@ -408,7 +408,7 @@ class _Finished:
 
 @dataclass(eq=False)
 class _Request:
-    """One generation, owned by the scheduler thread once queued."""
+    """One generation, owned by its lane's scheduler thread once queued."""
 
     prompt_ids: list[int]
     settings: GenerationSettings
@@ -423,6 +423,7 @@ class _Request:
     history: set[int] = field(default_factory=set)
     history_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     rng: np.random.Generator | None = None
+    done: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -435,16 +436,38 @@ class _Request:
             self.history_ids = np.concatenate([self.history_ids, np.asarray(new, dtype=np.int64)])
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's CPU set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 class LlamaCppEngine:
     """Streaming, batched generation on llama.cpp (GGUF base model, optional GGUF LoRA).
 
-    One scheduler thread owns the llama context: `stream` queues a request and reads that
-    request's own result queue. Each running request holds a KV-cache sequence (at most
-    `n_seq_max` at once); every step decodes one token for every running sequence in a single
-    batch, topped up with a chunk of at most `prefill_chunk` prompt tokens of a newly admitted
-    request. The LoRA adapter is set per context, so a request that wants the other adapter state
-    waits until the running batch drains. With ``lora_merged`` the model file already holds the
-    adapter, and the runtime LoRA, negated, serves requests without it.
+    The model (and the LoRA) is loaded once and served by one or more *lanes*: a lane is a llama
+    context with its own scheduler thread and its own CPU threads. `stream` hands each request to
+    the least busy lane and reads the request's own result queue. In a lane every running
+    request holds a KV-cache sequence; each step decodes one token for every running sequence in
+    one `llama_decode`, topped up with a chunk of at most `prefill_chunk` prompt tokens of a
+    newly admitted request, so a long prompt never freezes running answers.
+
+    Why lanes: on CPU, llama.cpp's small-batch kernels cost about as much for 2-4 tokens as for
+    2-4 single-token steps (measured on AVX2 with Q8_0: decoding is compute-bound there), so
+    batching on one context does not raise throughput, while two one-thread contexts decode on
+    two cores at twice the rate of one. Lanes of one thread also never wait on each other:
+    ggml's threads meet at a spinning barrier after every graph node, so threads of one context
+    stall whenever any of them is preempted. A lane whose prompt is being read borrows the other
+    lanes' threads while they are idle, so time to first token uses every core.
+
+    `n_threads` is the total (default: every CPU this process may use) and `n_lanes` the number
+    of contexts (default: one per thread, at most `n_seq_max`); `n_seq_max` sequences are split
+    across the lanes. The LoRA adapter is set per context: a lane switches it when its running
+    batch drains, and requests go to a lane already in the state they want when one is free.
+    With ``lora_merged`` the model file already holds the adapter, and the runtime LoRA, negated,
+    serves requests without it.
 
     Decoding follows the transformers engine (greedy at temperature 0, repetition penalty over
     prompt and reply, temperature + top-p otherwise) and the reply is detokenised with the same
@@ -462,6 +485,7 @@ class LlamaCppEngine:
         lora_merged: bool = False,
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        n_lanes: int | None = None,
         n_seq_max: int = 4,
         n_batch: int = 512,
         prefill_chunk: int = 128,
@@ -481,10 +505,12 @@ class LlamaCppEngine:
         self._n_batch = n_batch
         self._prefill_chunk = min(prefill_chunk, n_batch)
         self._min_decode_batch = min_decode_batch
-        # llama-cpp-python's own default (one per physical core on SMT machines). On 2 cores,
-        # 2 threads decoded 1.5x slower than 1 when anything else ran: ggml's threads spin at a
-        # barrier per graph node, so one preempted thread stalls the other.
-        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        self._n_threads = max(1, n_threads or available_cpus())
+        n_lanes = max(1, min(n_lanes or self._n_threads, n_seq_max, self._n_threads))
+        self._lock = threading.Lock()
+        self._lanes: list[_Lane] = []
+        self._adapter = None
+        self._closed = False
 
         llama_cpp.llama_backend_init()
         self._model = llama_cpp.llama_model_load_from_file(
@@ -492,30 +518,9 @@ class LlamaCppEngine:
         )
         if not self._model:
             raise SupportLMError(f"llama.cpp could not load {model_path}; is it a GGUF model?")
-        params = llama_cpp.llama_context_default_params()
-        # Separate KV streams per sequence: answers share no prefix worth a unified cache, and
-        # llama.cpp then sizes each sequence's window at n_ctx.
-        params.n_ctx = n_ctx * n_seq_max
-        params.n_seq_max = n_seq_max
-        params.kv_unified = False
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_threads = params.n_threads_batch = n_threads
-        params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise SupportLMError(f"llama.cpp could not create a context of {n_ctx} tokens.")
-        self.context_length = int(llama_cpp.llama_n_ctx_seq(self._ctx))
-        self._n_seq_max = int(llama_cpp.llama_n_seq_max(self._ctx))
         self._n_vocab = int(
             llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         )
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-
-        self._adapter = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
         if lora_path is not None:
             self._adapter = llama_cpp.llama_adapter_lora_init(self._model, str(lora_path).encode())
             if not self._adapter:
@@ -523,14 +528,37 @@ class LlamaCppEngine:
                 raise SupportLMError(f"llama.cpp could not load the LoRA adapter {lora_path}.")
         # A merged model is the adapted model: the runtime LoRA, negated, switches it off.
         self._lora_scales = {True: None, False: -1.0} if lora_merged else {True: 1.0, False: None}
-        self._adapter_on = lora_merged  # the state with no runtime LoRA set
+        self._lora_merged = lora_merged
+        try:
+            for index in range(n_lanes):
+                self._lanes.append(
+                    _Lane(
+                        self,
+                        index,
+                        n_ctx=n_ctx,
+                        # lanes split the sequences and the threads as evenly as they go
+                        n_seq=len(range(index, n_seq_max, n_lanes)),
+                        threads=len(range(index, self._n_threads, n_lanes)),
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.context_length = self._lanes[0].context_length
+        lanes, threads = len(self._lanes), self._n_threads
+        self.description += (
+            f" · {lanes} lane{'s' * (lanes > 1)} on {threads} thread{'s' * (threads > 1)}"
+        )
 
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Request] = []
-        self._free_seq_ids = list(range(self._n_seq_max))
-        self._thread = threading.Thread(target=self._serve, name="llama.cpp-scheduler", daemon=True)
-        self._thread.start()
+    @property
+    def lanes(self) -> int:
+        """How many llama contexts decode in parallel."""
+        return len(self._lanes)
+
+    @property
+    def threads(self) -> int:
+        """CPU threads across all lanes."""
+        return self._n_threads
 
     @classmethod
     def from_gguf(
@@ -605,6 +633,8 @@ class LlamaCppEngine:
 
     # -- caller side -----------------------------------------------------------------------
 
+    # -- caller side -----------------------------------------------------------------------
+
     def stream(
         self,
         prompt_ids: list[int],
@@ -622,7 +652,7 @@ class LlamaCppEngine:
             use_adapter=use_adapter and self.has_adapter,
             cancel=stop_event or threading.Event(),
         )
-        self._inbox.put(request)
+        self._dispatch(request)
         token_ids: list[int] = []
         text = ""
         first_token_at: float | None = None
@@ -675,17 +705,14 @@ class LlamaCppEngine:
         return collections.deque(self.stream(prompt_ids, settings, use_adapter=use_adapter), 1)[0]
 
     def close(self) -> None:
-        """Stop the scheduler and free the llama.cpp context and model."""
+        """Stop the schedulers and free the llama.cpp contexts, the adapter and the model."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._inbox.put(None)
-            self._thread.join()
-        self._llama.llama_batch_free(self._batch)
+        for lane in self._lanes:
+            lane.close()
         if self._adapter:
             self._llama.llama_adapter_lora_free(self._adapter)
-        self._llama.llama_free(self._ctx)
         self._llama.llama_model_free(self._model)
 
     def __enter__(self) -> LlamaCppEngine:
@@ -694,13 +721,82 @@ class LlamaCppEngine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- scheduler thread ------------------------------------------------------------------
+    # -- lanes -----------------------------------------------------------------------------
+
+    def _dispatch(self, request: _Request) -> None:
+        """Queue `request` on the lane that can start it soonest."""
+
+        def wait_rank(lane: _Lane) -> tuple[bool, int, int]:
+            # A full lane, or a busy one in the other adapter state, makes the request wait.
+            switch = lane.load > 0 and lane.adapter_on != request.use_adapter
+            return (lane.load >= lane.capacity or switch, lane.load, lane.index)
+
+        with self._lock:
+            lane = min(self._lanes, key=wait_rank)
+            lane.load += 1
+        lane.inbox.put(request)
+
+    def _released(self, lane: _Lane) -> None:
+        with self._lock:
+            lane.load -= 1
+
+    def _others_idle(self, lane: _Lane) -> bool:
+        return all(other.load == 0 for other in self._lanes if other is not lane)
+
+
+class _Lane:
+    """One llama context, its scheduler thread and its CPU threads (see `LlamaCppEngine`)."""
+
+    def __init__(
+        self, engine: LlamaCppEngine, index: int, *, n_ctx: int, n_seq: int, threads: int
+    ) -> None:
+        llama_cpp = engine._llama
+        self._engine = engine
+        self._llama = llama_cpp
+        self.index = index
+        self.threads = threads
+        self.capacity = n_seq
+        #: Requests queued on or running in this lane; changed under the engine's lock.
+        self.load = 0
+        self._thread: threading.Thread | None = None
+        params = llama_cpp.llama_context_default_params()
+        # Separate KV streams per sequence: answers share no prefix worth a unified cache, and
+        # llama.cpp then sizes each sequence's window at n_ctx.
+        params.n_ctx = n_ctx * n_seq
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = engine._n_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(engine._model, params)
+        if not self._ctx:
+            raise SupportLMError(f"llama.cpp could not create a context of {n_ctx} tokens.")
+        self._batch_threads = threads
+        self.context_length = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(engine._n_batch, 0, 1)
+        self.adapter_on = engine._lora_merged  # the state with no runtime LoRA set
+        self.inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._free_seq_ids = list(range(int(llama_cpp.llama_n_seq_max(self._ctx))))
+        self._thread = threading.Thread(
+            target=self._serve, name=f"llama.cpp-lane-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.inbox.put(None)
+            self._thread.join()
+        self._llama.llama_batch_free(self._batch)
+        self._llama.llama_free(self._ctx)
 
     def _serve(self) -> None:
         while True:
             idle = not self._running and not self._waiting
             try:
-                item = self._inbox.get() if idle else self._inbox.get_nowait()
+                item = self.inbox.get() if idle else self.inbox.get_nowait()
             except queue.Empty:
                 item = False
             while item is not False:
@@ -709,7 +805,7 @@ class LlamaCppEngine:
                     return
                 self._waiting.append(item)
                 try:
-                    item = self._inbox.get_nowait()
+                    item = self.inbox.get_nowait()
                 except queue.Empty:
                     item = False
             try:
@@ -717,20 +813,22 @@ class LlamaCppEngine:
                 self._admit()
                 if self._running:
                     self._step()
-            except (
-                Exception
-            ) as error:  # a bug or a llama.cpp failure: fail this batch, keep serving
+            except Exception as error:  # a bug or a llama.cpp failure: fail this batch only
                 logger.exception("llama.cpp scheduler step failed")
                 for request in list(self._running):
                     self._finish(request, error)
 
     def _finish(self, request: _Request, outcome: str | BaseException) -> None:
+        if request.done:
+            return
+        request.done = True
         if request.seq_id >= 0:
             self._llama.llama_memory_seq_rm(self._memory, request.seq_id, -1, -1)
             self._free_seq_ids.append(request.seq_id)
             request.seq_id = -1
         if request in self._running:
             self._running.remove(request)
+        self._engine._released(self)
         request.results.put(_Finished(outcome) if isinstance(outcome, str) else outcome)
 
     def _fail_all(self, error: BaseException) -> None:
@@ -747,11 +845,12 @@ class LlamaCppEngine:
 
     def _check(self, request: _Request) -> None:
         ids = request.prompt_ids
+        n_vocab = self._engine._n_vocab
         if not ids:
             raise SupportLMError("The prompt is empty.")
-        if min(ids) < 0 or max(ids) >= self._n_vocab:
+        if min(ids) < 0 or max(ids) >= n_vocab:
             raise SupportLMError(
-                f"The prompt has token ids outside this model's vocabulary of {self._n_vocab}; "
+                f"The prompt has token ids outside this model's vocabulary of {n_vocab}; "
                 "was it built with another tokenizer?"
             )
         if len(ids) >= self.context_length:
@@ -763,7 +862,7 @@ class LlamaCppEngine:
     def _admit(self) -> None:
         while self._waiting and self._free_seq_ids:
             request = self._waiting[0]
-            if self._running and request.use_adapter != self._adapter_on:
+            if self._running and request.use_adapter != self.adapter_on:
                 break  # first come, first served: wait for the batch to drain, then switch
             self._waiting.popleft()
             try:
@@ -771,30 +870,36 @@ class LlamaCppEngine:
             except SupportLMError as error:
                 self._finish(request, error)
                 continue
-            if request.use_adapter != self._adapter_on:
+            if request.use_adapter != self.adapter_on:
                 self._set_adapter(request.use_adapter)
             request.seq_id = self._free_seq_ids.pop(0)
-            seed = request.settings.seed
-            request.rng = np.random.default_rng(seed)
+            request.rng = np.random.default_rng(request.settings.seed)
             request.remember(request.prompt_ids)
             self._running.append(request)
 
     def _set_adapter(self, on: bool) -> None:
         llama_cpp = self._llama
-        scale = self._lora_scales[on]
+        scale = self._engine._lora_scales[on]
         if scale is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._engine._adapter)
             scales = (ctypes.c_float * 1)(scale)
             status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
         else:
             status = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
         if status != 0:
             raise RuntimeError(f"llama_set_adapters_lora failed with status {status}")
-        self._adapter_on = on
+        self.adapter_on = on
+
+    def _use_batch_threads(self, threads: int) -> None:
+        # llama.cpp runs single-token steps on n_threads and larger batches on n_threads_batch.
+        if threads != self._batch_threads:
+            self._llama.llama_set_n_threads(self._ctx, self.threads, threads)
+            self._batch_threads = threads
 
     def _step(self) -> None:
         decoding = [r for r in self._running if not r.prefilling]
-        if len(decoding) == len(self._running) and 1 < len(decoding) < self._min_decode_batch:
+        min_batch = self._engine._min_decode_batch
+        if len(decoding) == len(self._running) and 1 < len(decoding) < min_batch:
             # llama.cpp multiplies a batch of 2-3 tokens with llamafile's tiled kernel, which on
             # AVX2 costs 3x a single token's mat-vec for Q8_0 weights (measured): one token per
             # call is faster until the batch is large enough to pay off.
@@ -805,6 +910,7 @@ class LlamaCppEngine:
 
     def _decode(self, decoding: list[_Request], *, prefill: bool) -> None:
         """One `llama_decode`: a token for each of `decoding`, then prompt chunks if `prefill`."""
+        engine = self._engine
         batch = self._batch
         batch.n_tokens = 0
         outputs: list[tuple[_Request, int]] = []
@@ -825,9 +931,9 @@ class LlamaCppEngine:
             add(request, request.pending_token, True)
         # While answers are streaming, prompts enter in small chunks so those answers keep
         # flowing; with nothing streaming, a prompt takes the whole batch.
-        budget = self._n_batch - len(decoding) if prefill else 0
+        budget = engine._n_batch - len(decoding) if prefill else 0
         if decoding:
-            budget = min(budget, self._prefill_chunk)
+            budget = min(budget, engine._prefill_chunk)
         for request in self._running:
             if budget <= 0:
                 break
@@ -837,6 +943,11 @@ class LlamaCppEngine:
                     # logits only for the prompt's last token: the first reply token
                     add(request, token, request.n_past == len(request.prompt_ids) - 1)
                 budget -= len(chunk)
+        # Reading a prompt on every core while the other lanes are idle halves the time to the
+        # first token; a lane that gets a request meanwhile shares the cores for one step.
+        reading_prompt = batch.n_tokens > len(decoding)
+        borrow = reading_prompt and engine._n_threads > self.threads and engine._others_idle(self)
+        self._use_batch_threads(engine._n_threads if borrow else self.threads)
 
         status = self._llama.llama_decode(self._ctx, batch)
         if status != 0:
@@ -850,7 +961,7 @@ class LlamaCppEngine:
                 continue
             request.num_generated += 1
             request.results.put(token)
-            if token in self._stop_ids:
+            if token in engine._stop_ids:
                 self._finish(request, "stop")
             elif (
                 request.num_generated >= request.settings.max_new_tokens
@@ -863,8 +974,9 @@ class LlamaCppEngine:
 
     def _sample(self, request: _Request, index: int) -> int:
         settings = request.settings
+        n_vocab = self._engine._n_vocab
         row = np.ctypeslib.as_array(
-            self._llama.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
+            self._llama.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,)
         )
         if settings.repetition_penalty == 1.0 and not settings.do_sample:
             return int(row.argmax())

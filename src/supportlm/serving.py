@@ -111,7 +111,18 @@ class AppSettings:
     )
     llamacpp_threads: int = field(
         default=0,
-        metadata={"help": "SUPPORTLM_LLAMACPP_THREADS: llama.cpp CPU threads; 0: half the cores."},
+        metadata={
+            "help": "SUPPORTLM_LLAMACPP_THREADS: llama.cpp CPU threads in all; 0: every CPU "
+            "this process may use."
+        },
+    )
+    llamacpp_lanes: int = field(
+        default=0,
+        metadata={
+            "help": "SUPPORTLM_LLAMACPP_LANES: llama.cpp contexts decoding in parallel; 0: one "
+            "per thread, at most SUPPORTLM_CONCURRENCY. 1 gives one user the fastest decode "
+            "and several users the least in total; see `LlamaCppEngine`."
+        },
     )
     notes: list[str] = field(
         default_factory=list, metadata={"help": "Decisions taken while resolving, with reasons."}
@@ -142,10 +153,9 @@ class AppSettings:
             raise SupportLMError(
                 f"SUPPORTLM_LLAMACPP_WEIGHTS={self.llamacpp_weights!r} is not one of {choices}."
             )
-        if self.llamacpp_threads < 0:
-            raise SupportLMError(
-                f"llamacpp_threads must be 0 or more, got {self.llamacpp_threads}."
-            )
+        for name in ("llamacpp_threads", "llamacpp_lanes"):
+            if getattr(self, name) < 0:
+                raise SupportLMError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         self.feedback_db = Path(self.feedback_db)
 
     @classmethod
@@ -174,6 +184,7 @@ class AppSettings:
             context_length=_env_int(environ, "SUPPORTLM_CONTEXT_LENGTH", 2048),
             llamacpp_weights=environ.get("SUPPORTLM_LLAMACPP_WEIGHTS", "").strip() or "auto",
             llamacpp_threads=_env_int(environ, "SUPPORTLM_LLAMACPP_THREADS", 0),
+            llamacpp_lanes=_env_int(environ, "SUPPORTLM_LLAMACPP_LANES", 0),
             notes=notes,
         )
 
@@ -275,6 +286,7 @@ def _build_llamacpp_engine(settings: AppSettings, source: ModelSource) -> Engine
         n_ctx=settings.context_length,
         weights=settings.llamacpp_weights,
         n_threads=settings.llamacpp_threads or None,
+        n_lanes=settings.llamacpp_lanes or None,
     )
 
 
