@@ -242,18 +242,26 @@ def bench_engine(
     settings: GenerationSettings,
     runs: int,
     *,
-    streaming: bool,
     use_adapter: bool = True,
-) -> Measurement:
-    """The app's engine, whole replies (`generate`) or consumed event by event (`stream`)."""
+    streaming: bool = True,
+) -> tuple[Measurement, Measurement | None]:
+    """The app's engine: whole replies (`generate`) and, if `streaming`, event by event.
+
+    Both are timed the same way on the caller's clock, and their runs alternate, so drift on a
+    noisy machine lands on both sides of the streaming overhead instead of on one.
+    """
     one_token = GenerationSettings(
         max_new_tokens=1, temperature=0.0, repetition_penalty=settings.repetition_penalty
     )
 
-    def run() -> Run:
-        if not streaming:
-            event = engine.generate(prompt_ids, settings, use_adapter=use_adapter)
-            return Run(event.time_to_first_token or 0.0, event.tokens_per_second, event.num_tokens)
+    def generate() -> Run:
+        start = time.perf_counter()
+        event = engine.generate(prompt_ids, settings, use_adapter=use_adapter)
+        total = time.perf_counter() - start
+        ttft = event.time_to_first_token or total
+        return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
+
+    def stream() -> Run:
         # Timed where the UI sees the text: after the engine's queue and detokenisation.
         start = time.perf_counter()
         first_text_at = None
@@ -268,16 +276,30 @@ def bench_engine(
         event = engine.generate(long_ids, one_token, use_adapter=use_adapter)
         return event.time_to_first_token or event.elapsed
 
-    mode = "stream" if streaming else "generate"
     adapter = ", adapter off" if engine.has_adapter and not use_adapter else ""
-    return measure_case(
-        f"{engine.description} ({mode}{adapter})",
-        run,
-        prefill_seconds,
-        len(long_ids),
-        runs,
-        PeakRSS(),
-    )
+    modes = {"generate": generate, "stream": stream} if streaming else {"generate": generate}
+    memory = PeakRSS()
+    with memory:
+        for run in modes.values():
+            run()  # warm-up: first-call allocations, lazy kernels, page faults on the weights
+        by_mode: dict[str, list[Run]] = {mode: [] for mode in modes}
+        for _ in range(runs):
+            for mode, run in modes.items():
+                by_mode[mode].append(run())
+        prefill_seconds()  # warm-up for the long prompt's buffer sizes
+        prefill = statistics.median(prefill_seconds() for _ in range(runs))
+    measurements = [
+        Measurement(
+            ttft_s=statistics.median(r.ttft_s for r in results),
+            decode_tok_s=statistics.median(r.decode_tok_s for r in results),
+            prompt_tok_s=len(long_ids) / prefill,
+            new_tokens=int(statistics.median(r.new_tokens for r in results)),
+            peak_rss_mb=memory.peak_mb,
+            description=f"{engine.description} ({mode}{adapter})",
+        )
+        for mode, results in by_mode.items()
+    ]
+    return measurements[0], measurements[1] if streaming else None
 
 
 def bench_llamacpp(
@@ -404,11 +426,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     engine = build_app_engine(args.model, args.adapter, args.backend)
     try:
-        results["app"] = bench_engine(
-            engine, prompt_ids, long_ids, settings, args.runs, streaming=False
-        )
-        results["app_streaming"] = bench_engine(
-            engine, prompt_ids, long_ids, settings, args.runs, streaming=True
+        results["app"], results["app_streaming"] = bench_engine(
+            engine, prompt_ids, long_ids, settings, args.runs
         )
         results["app_no_adapter"] = (
             bench_engine(
@@ -417,9 +436,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 long_ids,
                 settings,
                 args.runs,
-                streaming=False,
                 use_adapter=False,
-            )
+                streaming=False,
+            )[0]
             if engine.has_adapter
             else None
         )
@@ -434,7 +453,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             )
             results["app_merged"] = bench_engine(
                 merged, prompt_ids, long_ids, settings, args.runs, streaming=False
-            )
+            )[0]
             del merged
     finally:
         _close(engine)

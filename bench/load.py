@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 from gradio_client import Client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +134,18 @@ def run_client(
 
 
 def run_phase(
-    url: str, n_clients: int, questions_per_client: int, max_new_tokens: int, tokenizer
+    url: str,
+    n_clients: int,
+    questions_per_client: int,
+    max_new_tokens: int,
+    tokenizer,
+    server: psutil.Process,
 ) -> dict:
-    """N clients at once, each asking its own slice of QUESTIONS; returns the summary."""
+    """N clients at once, each asking its own slice of QUESTIONS; returns the summary.
+
+    CPU seconds are counted for the app's process and for this one (the clients): both share
+    the machine, so client-side work is time the server cannot use.
+    """
     per_client: list[list[RequestResult]] = [[] for _ in range(n_clients)]
 
     def work(index: int) -> None:
@@ -146,12 +156,17 @@ def run_phase(
         per_client[index] = run_client(url, index, questions, max_new_tokens, tokenizer)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_clients)]
+    server_cpu, client_cpu = sum(server.cpu_times()[:2]), time.process_time()
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    server_cpu, client_cpu = (
+        sum(server.cpu_times()[:2]) - server_cpu,
+        time.process_time() - client_cpu,
+    )
     results = [result for client in per_client for result in client]
     ok = [r for r in results if r.error is None]
     ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
@@ -172,6 +187,8 @@ def run_phase(
         "errors": len(results) - len(ok),
         "error_messages": sorted({r.error for r in results if r.error}),
         "wall_s": wall,
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
         "tokens": sum(r.tokens for r in ok),
         "p50_ttft_s": percentile(ttfts, 50),
         "p95_ttft_s": percentile(ttfts, 95),
@@ -191,7 +208,8 @@ def print_phase(name: str, phase: dict) -> None:
         f"{name}: {phase['requests']} requests, {phase['errors']} errors, "
         f"TTFT p50 {seconds(phase['p50_ttft_s'])} / p95 {seconds(phase['p95_ttft_s'])}, "
         f"aggregate {phase['aggregate_tok_s']:.1f} tok/s, per client [{per_client}] tok/s, "
-        f"wall {phase['wall_s']:.1f} s"
+        f"wall {phase['wall_s']:.1f} s, CPU s app {phase['server_cpu_s']:.1f} / clients "
+        f"{phase['client_cpu_s']:.1f}"
     )
     for message in phase["error_messages"]:
         print(f"  error: {message}")
@@ -226,9 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             # One untimed request first: the first generate call pays one-off warm-up costs.
             run_client(url, -1, QUESTIONS[:1], args.max_new_tokens, tokenizer)
-            one = run_phase(url, 1, args.questions, args.max_new_tokens, tokenizer)
+            server = psutil.Process(process.pid)
+            one = run_phase(url, 1, args.questions, args.max_new_tokens, tokenizer, server)
             print_phase("1 client", one)
-            many = run_phase(url, args.clients, args.questions, args.max_new_tokens, tokenizer)
+            many = run_phase(
+                url, args.clients, args.questions, args.max_new_tokens, tokenizer, server
+            )
             print_phase(f"{args.clients} clients", many)
         finally:
             process.terminate()

@@ -277,6 +277,7 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
     assert report["n_clients"]["clients"] == 2 and report["n_clients"]["requests"] == 2
     assert report["one_client"]["tokens"] > 0
     assert report["p95_ttft_s"] is not None
+    assert report["n_clients"]["server_cpu_s"] > 0 and report["n_clients"]["client_cpu_s"] > 0
 
 
 def test_the_readme_api_example_runs(app, repo_root) -> None:
