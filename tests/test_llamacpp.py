@@ -18,6 +18,7 @@ from supportlm.errors import SupportLMError  # noqa: E402
 from supportlm.generation import Engine, GenerationSettings, TransformersEngine  # noqa: E402
 from supportlm.llamacpp import (  # noqa: E402
     LlamaCppEngine,
+    _quantised_below_8_bits,
     cached_lora_gguf,
     cached_reencoded_gguf,
     export_lora_to_gguf,
@@ -250,6 +251,12 @@ QUESTIONS = [
 def _centered_rms(logits: np.ndarray) -> float:
     # Softmax ignores a constant shift of all logits; llama.cpp's rounding shifts them a little.
     return float(np.sqrt(np.mean((logits - logits.mean()) ** 2)))
+
+
+def test_file_type_decides_what_auto_serves(cache, f32_base):
+    assert _quantised_below_8_bits(GGUF)  # Q4_1
+    assert not _quantised_below_8_bits(cached_reencoded_gguf(GGUF, "q8_0"))
+    assert not _quantised_below_8_bits(f32_base)
 
 
 def test_q8_0_reencoding_keeps_the_4_bit_values(cache):
