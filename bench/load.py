@@ -1,6 +1,6 @@
 """Load test of the app: start `python app.py`, then drive 1 and N concurrent chat clients.
 
-    python bench/load.py --clients 4 --questions 3 --max-new-tokens 64 --json load.json
+    python bench/load.py --clients 4 --questions 3 --max_new_tokens 64 --json load.json
 
 Each client is a separate `gradio_client.Client` (its own session) that asks K questions from a
 fixed list with greedy decoding. Time to first token (TTFT) is measured around the client's
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "llama.cpp"])
     parser.add_argument("--clients", type=int, default=4, help="Concurrent clients (N).")
     parser.add_argument("--questions", type=int, default=2, help="Questions per client (K).")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     args = parser.parse_args(argv)

@@ -267,7 +267,7 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
         sys.executable,
         str(repo_root / "bench" / "load.py"),
         *("--model", tiny_chat_model_dir, "--backend", "transformers"),
-        *("--clients", "2", "--questions", "1", "--max-new-tokens", "8"),
+        *("--clients", "2", "--questions", "1", "--max_new_tokens", "8"),
         *("--json", str(result_file)),
     ]
     subprocess.run(command, check=True, cwd=tmp_path, timeout=600)

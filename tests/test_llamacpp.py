@@ -363,3 +363,25 @@ def test_app_settings_choose_the_llamacpp_weights_and_threads(smollm2_tokenizer,
         engine.close()
     with pytest.raises(SupportLMError, match="SUPPORTLM_LLAMACPP_WEIGHTS"):
         AppSettings.from_env({**environ, "SUPPORTLM_LLAMACPP_WEIGHTS": "fp8"})
+
+
+def test_a_retrained_adapter_replaces_its_cached_exports(adapter_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("SUPPORTLM_CACHE", str(tmp_path / "cache"))
+    retrained = tmp_path / "run" / "adapter"
+    shutil.copytree(adapter_dir, retrained)
+    other = cached_lora_gguf(adapter_dir, GGUF)  # another adapter folder: must be kept
+    first = cached_lora_gguf(retrained, GGUF)
+    first_merged = cached_reencoded_gguf(GGUF, "q8_0", adapter_dir=retrained)
+    assert cached_lora_gguf(retrained, GGUF) == first  # unchanged weights: the cached file
+
+    weights = retrained / "adapter_model.safetensors"
+    save_file({name: 2 * tensor for name, tensor in load_file(weights).items()}, weights)
+    second = cached_lora_gguf(retrained, GGUF)
+    second_merged = cached_reencoded_gguf(GGUF, "q8_0", adapter_dir=retrained)
+    assert second != first and second_merged != first_merged
+    assert second.is_file() and second_merged.is_file() and other.is_file()
+    assert not first.exists() and not first_merged.exists()

@@ -18,6 +18,7 @@ Install the optional dependency with ``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -304,13 +305,27 @@ def _cache_key(base_gguf: Path, adapter_dir: Path | None, *extra: str) -> str:
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
 
-def _cached(folder: str, name: str, write) -> Path:
+def _slot(*parts: object) -> str:
+    """A short name for what a cache file is of (paths, type), whatever its contents' key."""
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
+def _cached(folder: str, stem: str, key: str, write) -> Path:
+    """``<cache>/<folder>/<stem>-<key>.gguf``, written once; older keys of `stem` are deleted.
+
+    A retrained adapter gets a new key, and its stale exports (145 MB for a merged
+    SmolLM2) would otherwise pile up in the cache with every training run.
+    """
     from supportlm.modeling import cache_dir
 
-    target = cache_dir() / folder / name
+    target = cache_dir() / folder / f"{stem}-{key}.gguf"
     if not target.is_file():
         logger.info("Writing %s (once).", target)
         write(target)
+        for stale in target.parent.glob(f"{stem}-*.gguf"):
+            if stale != target and len(stale.name) == len(target.name):
+                with contextlib.suppress(OSError):  # in use on Windows: left for next time
+                    stale.unlink()
     return target
 
 
@@ -318,13 +333,15 @@ def cached_lora_gguf(adapter_dir: str | os.PathLike, base_gguf: str | os.PathLik
     """The GGUF export of `adapter_dir` for `base_gguf`, converted once into the supportlm cache.
 
     The key hashes the adapter's weights and config and names the base file, so a retrained
-    adapter (same folder, new weights) is exported again.
+    adapter (same folder, new weights) is exported again, replacing the old export.
     """
     adapter_dir, base_gguf = Path(adapter_dir), Path(base_gguf).resolve()
     key = _cache_key(base_gguf, adapter_dir)
+    slot = _slot(adapter_dir.resolve(), base_gguf)
     return _cached(
         "lora-gguf",
-        f"{adapter_dir.resolve().name}-{key}.gguf",
+        f"{adapter_dir.resolve().name}-{slot}",
+        key,
         lambda target: export_lora_to_gguf(adapter_dir, target, base_gguf=base_gguf),
     )
 
@@ -338,15 +355,17 @@ def cached_reencoded_gguf(
     """`base_gguf` re-encoded as `tensor_type` (with `adapter_dir` merged in), cached once.
 
     Keyed like `cached_lora_gguf`, so a replaced base file or a retrained adapter is written
-    again.
+    again, replacing the old file.
     """
     base_gguf = Path(base_gguf).resolve()
     adapter = None if adapter_dir is None else Path(adapter_dir)
     key = _cache_key(base_gguf, adapter, tensor_type)
     label = "" if adapter is None else f"-{adapter.resolve().name}"
+    slot = _slot(base_gguf, None if adapter is None else adapter.resolve(), tensor_type)
     return _cached(
         "base-gguf",
-        f"{base_gguf.stem}{label}-{tensor_type}-{key}.gguf",
+        f"{base_gguf.stem}{label}-{tensor_type}-{slot}",
+        key,
         lambda target: write_merged_gguf(
             base_gguf, target, adapter_dir=adapter, tensor_type=tensor_type
         ),
