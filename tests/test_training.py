@@ -22,10 +22,12 @@ from supportlm.modeling import check_adapter_base, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, tokenize_conversation
 from supportlm.runs import LATEST_FILE, default_adapter_dir
 from supportlm.training import (
+    CpuDropout,
     SupportLMTrainer,
     supervised_lm_loss,
     tokenize_examples,
     train,
+    use_cpu_dropout,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +141,44 @@ def test_supervised_logits_loss_equals_the_full_loss(tiny_model_dir: str) -> Non
     actual = [p.grad for p in model.parameters() if p.requires_grad]
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_cpu_dropout_drops_each_element_with_probability_p() -> None:
+    dropout = CpuDropout(0.1).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    dropped = y == 0
+    # 400k independent draws: the rate is within 5 standard deviations (0.0024) of p.
+    assert abs(dropped.float().mean().item() - 0.1) < 0.0024
+    # No lane of the four 16-bit draws per 64-bit number is biased, nor any column.
+    lanes = dropped.flatten().view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.1).abs() < 0.005)
+    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / 0.9)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # seeded like nn.Dropout
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_trainer_uses_cpu_dropout_for_lora_layers(tiny_model_dir: str) -> None:
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_dropout=0.05, target_modules="all-linear"),
+    )
+    lora_layers = sum(1 for m in model.modules() if hasattr(m, "lora_dropout"))
+    assert use_cpu_dropout(model) == lora_layers > 0
+    assert all(
+        isinstance(m.lora_dropout["default"], CpuDropout)
+        for m in model.modules()
+        if hasattr(m, "lora_dropout")
+    )
+    assert use_cpu_dropout(model) == 0  # already swapped
+    inputs, labels = random_batch(model.config.vocab_size)
+    model.train()
+    supervised_lm_loss(model, inputs, labels)[0].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir: str) -> None:

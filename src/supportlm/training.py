@@ -114,6 +114,40 @@ def supervised_lm_loss(
     return loss / denominator, count
 
 
+class CpuDropout(torch.nn.Dropout):
+    """`nn.Dropout` with a mask drawn 4 elements per 64-bit random number, for CPU training.
+
+    PyTorch's CPU `bernoulli_` draws one Mersenne-Twister number per element: with PEFT's
+    LoRA dropout on every adapted layer (210 calls a step for SmolLM2 all-linear) it took 15 %
+    of a training step on 2 cores. Here one 64-bit draw gives four 16-bit uniforms, 2.9x faster
+    per call (measured). Each element is still dropped independently, with probability `p`
+    rounded to a multiple of 1/65536, and survivors scaled by 1/(1-p).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        uniform16 = words.random_(-(2**63), None).view(torch.int16)[:n].view(x.shape)
+        keep = uniform16 >= round(self.p * 65536) - 32768
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+def use_cpu_dropout(model: torch.nn.Module) -> int:
+    """Swap the LoRA layers' `nn.Dropout` for `CpuDropout`; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                dropouts[name] = CpuDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
 class SupportLMTrainer(SFTTrainer):
     """`SFTTrainer` whose loss applies the output head to supervised positions only.
 
@@ -128,6 +162,8 @@ class SupportLMTrainer(SFTTrainer):
         self.supervised_logits = supports_supervised_logits(self.model)
         if not self.supervised_logits:
             logger.info("This model scales its logits; using TRL's loss instead of ours.")
+        if self.args.device.type == "cpu" and (swapped := use_cpu_dropout(self.model)):
+            logger.info("LoRA dropout: CpuDropout on %d layers (cheaper masks on CPU).", swapped)
 
     def compute_loss(
         self,
