@@ -11,8 +11,10 @@ it measures
   installed and the model is a GGUF, else transformers) with the adapter, called like the app
   calls it: `generate` (whole reply) and `stream` (every event consumed, timed by the consumer);
 * app_no_adapter: the same engine with the adapter switched off for the request;
-* app_merged: transformers only, the adapter merged into the weights (on llama.cpp the row is
-  null: there ``SUPPORTLM_LLAMACPP_WEIGHTS`` decides, and its default already merges it);
+* app_merged: transformers only, the adapter merged into the weights;
+* app_unmerged: llama.cpp only, when the app serves the adapter merged into a Q8_0 copy (its
+  default for 4-bit GGUFs): the same Q8_0 copy with the adapter as a runtime LoRA
+  (``SUPPORTLM_LLAMACPP_WEIGHTS=q8_0``), so `merged_vs_unmerged` is measured on both backends;
 * llamacpp: llama-cpp-python's high-level `Llama` on the same GGUF (and the same LoRA), when
   `llama_cpp` is importable: what the app's path could reach.
 
@@ -375,17 +377,19 @@ def build_prompts(
             return prompt_ids, long_ids
 
 
-def build_app_engine(model: str, adapter: str | None, backend: str) -> Engine:
+def build_app_engine(model: str, adapter: str | None, backend: str, **overrides: str) -> Engine:
     """The engine `python app.py` builds for this model, adapter and backend.
 
     Read through `AppSettings.from_env`, so the other ``SUPPORTLM_*`` variables of this
-    process (context length, concurrency, llama.cpp weights and threads) apply as in the app.
+    process (context length, concurrency, llama.cpp weights and threads) apply as in the app;
+    `overrides` sets more of them.
     """
     environ = {
         **os.environ,
         "SUPPORTLM_MODEL": model,
         "SUPPORTLM_ADAPTER": adapter or "",
         "SUPPORTLM_BACKEND": backend,
+        **overrides,
     }
     return build_engine(AppSettings.from_env(environ))
 
@@ -442,7 +446,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if engine.has_adapter
             else None
         )
-        results["app_merged"] = None
+        results["app_merged"] = results["app_unmerged"] = None
+        app_merges = engine.has_adapter and getattr(engine, "adapter_merged", False)
         if engine.has_adapter and isinstance(engine, TransformersEngine):
             # Last, because merging rewrites the base weights of this engine's model in place.
             merged = TransformersEngine(
@@ -459,6 +464,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         _close(engine)
         del engine
         gc.collect()
+    if app_merges:
+        unmerged = build_app_engine(
+            args.model, args.adapter, args.backend, SUPPORTLM_LLAMACPP_WEIGHTS="q8_0"
+        )
+        try:
+            results["app_unmerged"] = bench_engine(
+                unmerged, prompt_ids, long_ids, settings, args.runs, streaming=False
+            )[0]
+        finally:
+            _close(unmerged)
+            del unmerged
+            gc.collect()
 
     results["llamacpp"] = None
     from supportlm import llamacpp
@@ -479,7 +496,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         1 - streaming.decode_tok_s / app.decode_tok_s if app.decode_tok_s else None
     )
     report["adapter_vs_base"] = _ratio(app, results["app_no_adapter"])
-    report["merged_vs_unmerged"] = _ratio(results["app_merged"], app)
+    report["merged_vs_unmerged"] = _ratio(results["app_merged"], app) or _ratio(
+        app, results["app_unmerged"]
+    )
     report["settings"] = {
         "model": source.name,
         "adapter": args.adapter,
@@ -503,7 +522,15 @@ def format_table(report: dict[str, Any]) -> str:
     header = f"{'case':<16}{'TTFT s':>9}{'decode tok/s':>14}{'prompt tok/s':>14}"
     header += f"{'tokens':>8}{'peak RSS MB':>13}  engine"
     lines = [header, "-" * len(header)]
-    for name in ("baseline", "app", "app_streaming", "app_no_adapter", "app_merged", "llamacpp"):
+    for name in (
+        "baseline",
+        "app",
+        "app_streaming",
+        "app_no_adapter",
+        "app_merged",
+        "app_unmerged",
+        "llamacpp",
+    ):
         row = report.get(name)
         if row is None:
             lines.append(f"{name:<16}{'-':>9}{'-':>14}{'-':>14}{'-':>8}{'-':>13}  (not run)")

@@ -51,6 +51,10 @@ def test_bench_on_tiny_model_writes_every_case(bench_main, tiny_model_dir, adapt
     assert report["llamacpp"] is None and report["vs_llamacpp"] is None
     assert "adapter off" in report["app_no_adapter"]["description"]
     assert "merged" in report["app_merged"]["description"]
+    assert report["app_unmerged"] is None  # llama.cpp only
+    assert report["merged_vs_unmerged"] == pytest.approx(
+        report["app_merged"]["decode_tok_s"] / report["app"]["decode_tok_s"]
+    )
     assert report["speedup"] == pytest.approx(
         report["app"]["decode_tok_s"] / report["baseline"]["decode_tok_s"]
     )
@@ -72,7 +76,7 @@ def test_bench_without_adapter_has_no_adapter_cases(bench_main, tiny_model_dir, 
     report = json.loads(output.read_text())
     assert report["app"] is not None
     assert report["app_no_adapter"] is None and report["adapter_vs_base"] is None
-    assert report["app_merged"] is None
+    assert report["app_merged"] is None and report["app_unmerged"] is None
 
 
 def test_bench_rejects_a_missing_adapter(bench_main, tmp_path):

@@ -333,6 +333,7 @@ def test_from_gguf_weights_option(smollm2_tokenizer, adapter_dir, cache):
     ) as engine:  # auto: a 4-bit base is served as Q8_0 with the adapter merged
         assert engine.has_adapter
         assert "as Q8_0" in engine.description and "(merged)" in engine.description
+        assert engine.adapter_merged
         prompt = chat(smollm2_tokenizer, "How do I reset my password?")
         on = engine.generate(prompt, GREEDY, use_adapter=True)
         off = engine.generate(prompt, GREEDY, use_adapter=False)

@@ -600,6 +600,11 @@ class LlamaCppEngine:
         )
 
     @property
+    def adapter_merged(self) -> bool:
+        """Whether the model file holds the adapter (served off by negating the runtime LoRA)."""
+        return self._lora_merged
+
+    @property
     def lanes(self) -> int:
         """How many llama contexts decode in parallel."""
         return len(self._lanes)
