@@ -16,6 +16,18 @@ model and training split, with the same batch size, learning rate and number of 
 * ours: `supportlm.training.train` with its defaults (group by length, supervised-only head,
   one thread per physical core, no activation checkpointing), evaluation off while timing.
 
+Memory, QLoRA against 16-bit LoRA (run it on a GPU; ``--variants qlora,lora16``):
+
+* qlora: ours with the base model in 4-bit NF4 (bitsandbytes, double quantisation);
+* lora16: ours with the base model unquantised in its auto dtype (bf16 on GPUs that have it).
+
+    python bench/train.py --model Qwen/Qwen2.5-0.5B-Instruct --variants qlora,lora16 --steps 10 \
+        --json docs/bench/memory.json
+
+`qlora_memory_ratio` is qlora's peak over lora16's (target <= 0.5). On CUDA the peak is
+`torch.cuda.max_memory_allocated`; on a CPU it is the process's peak RSS, where 4-bit weights
+save less (bitsandbytes de-quantises per layer and the activations dominate).
+
 Each variant runs in its own process, so the peak RSS is its own. Throughput is supervised
 (answer) tokens per second of optimizer steps; the final validation loss is computed the same way
 for all three (token-weighted mean over our answer-only labels).
@@ -38,6 +50,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BITEXT_CSV = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
 VARIANTS = ("naive", "trl", "ours")
+MEMORY_VARIANTS = ("qlora", "lora16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_examples", type=int, default=64, help="Validation examples.")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path, help="Write the results here.")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + MEMORY_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -230,7 +243,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(counted["tokens"], timer.seconds, loss)
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, quantization: str | None = None) -> dict[str, Any]:
     from supportlm.config import parse_config
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
     from supportlm.training import tokenize_examples, train
@@ -254,13 +267,20 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             "report_to": "none",
             "seed": 42,
         }
+        if quantization is not None:
+            settings["quantization"] = quantization
         config = parse_config(
             [item for key, value in settings.items() for item in (f"--{key}", str(value))]
         )
         result = train(config)
     loss = validation_loss(result.model, val_set, tokenizer.pad_token_id)
     metrics = result.metrics
-    return summarize(metrics["train_supervised_tokens"], metrics["step_time_s"], loss)
+    summary = summarize(metrics["train_supervised_tokens"], metrics["step_time_s"], loss)
+    summary["peak_memory_mb"] = metrics["peak_memory_mb"]
+    summary["peak_memory_kind"] = metrics["peak_memory_kind"]
+    summary["dtype"] = metrics.get("dtype")
+    summary["quantization"] = metrics.get("quantization")
+    return summary
 
 
 def summarize(tokens: int, seconds: float, eval_loss: float) -> dict[str, Any]:
@@ -273,7 +293,13 @@ def summarize(tokens: int, seconds: float, eval_loss: float) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"naive": run_naive, "trl": run_trl, "ours": run_ours}
+RUNNERS = {
+    "naive": run_naive,
+    "trl": run_trl,
+    "ours": run_ours,
+    "qlora": lambda args: run_ours(args, quantization="4bit"),
+    "lora16": lambda args: run_ours(args, quantization="none"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup_vs_trl"] = round(ours / results["trl"]["supervised_tokens_per_second"], 3)
         trl_loss = results["trl"]["eval_loss"]
         report["eval_loss_delta"] = round((results["ours"]["eval_loss"] - trl_loss) / trl_loss, 4)
+    if set(MEMORY_VARIANTS) <= results.keys():
+        qlora, lora16 = results["qlora"], results["lora16"]
+        report["qlora_memory_ratio"] = round(qlora["peak_memory_mb"] / lora16["peak_memory_mb"], 3)
+        report["memory_kind"] = qlora["peak_memory_kind"]
     report.update(results)
     print(json.dumps(report, indent=2))
     if args.json:

@@ -394,3 +394,21 @@ def test_yaml_safe_dump_of_config_has_no_python_objects(tiny_run) -> None:
     text = (tiny_run.output_dir / "training_config.yaml").read_text()
     assert "!!python" not in text
     assert yaml.safe_load(text)["lora_r"] == 16
+
+
+def test_bench_memory_variants_compare_qlora_with_lora16(tiny_model_dir: str, tmp_path) -> None:
+    # On a GPU this reports QLoRA's peak CUDA memory against 16-bit LoRA's; here on the CPU it
+    # checks the plumbing (4-bit through bitsandbytes, peak RSS) and the report's keys.
+    output = tmp_path / "memory.json"
+    command = [sys.executable, str(REPO_ROOT / "bench" / "train.py"), "--model", tiny_model_dir]
+    command += ["--dataset", str(REPO_ROOT / "data" / "customer_support.jsonl")]
+    command += ["--variants", "qlora,lora16", "--steps", "2", "--batch_size", "2"]
+    command += ["--max_examples", "40", "--eval_examples", "4", "--json", str(output)]
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO_ROOT)
+    report = json.loads(output.read_text())
+    assert report["qlora"]["quantization"] == "4bit" and report["lora16"]["quantization"] == "none"
+    assert report["memory_kind"] == "peak RSS"
+    assert report["qlora_memory_ratio"] == pytest.approx(
+        report["qlora"]["peak_memory_mb"] / report["lora16"]["peak_memory_mb"], abs=1e-3
+    )
+    assert "speedup_vs_naive" not in report
