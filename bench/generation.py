@@ -141,41 +141,44 @@ def in_worker_thread(function: Callable[[], T]) -> T:
     return results[0]
 
 
-def _median_runs(run: Callable[[], Run], runs: int) -> Run:
-    run()  # warm-up: first-call allocations, lazy kernels, page faults on the weights
-    results = [run() for _ in range(runs)]
-    return Run(
-        ttft_s=statistics.median(r.ttft_s for r in results),
-        decode_tok_s=statistics.median(r.decode_tok_s for r in results),
-        new_tokens=int(statistics.median(r.new_tokens for r in results)),
-    )
-
-
 def _decode_rate(new_tokens: int, total_s: float, ttft_s: float) -> float:
     # The first token's time is the prompt's; decode speed is over the tokens after it.
     return (new_tokens - 1) / (total_s - ttft_s) if new_tokens > 1 and total_s > ttft_s else 0.0
 
 
-def measure_case(
-    description: str,
-    run: Callable[[], Run],
+def measure_cases(
+    cases: dict[str, Callable[[], Run]],
     prefill_seconds: Callable[[], float],
     long_prompt_tokens: int,
     runs: int,
     memory: PeakRSS,
-) -> Measurement:
+) -> dict[str, Measurement]:
+    """Median TTFT and decode speed of each case (description -> run), and prompt speed.
+
+    Each case is warmed up once (first-call allocations, lazy kernels, page faults on the
+    weights); then the cases' runs alternate, so drift on a noisy machine falls on all of them
+    alike. The cases share one engine, so prompt speed is measured once for all.
+    """
     with memory:
-        short = _median_runs(run, runs)
+        for run in cases.values():
+            run()
+        results: dict[str, list[Run]] = {description: [] for description in cases}
+        for _ in range(runs):
+            for description, run in cases.items():
+                results[description].append(run())
         prefill_seconds()  # warm-up for the long prompt's buffer sizes
         prefill = statistics.median(prefill_seconds() for _ in range(runs))
-    return Measurement(
-        ttft_s=short.ttft_s,
-        decode_tok_s=short.decode_tok_s,
-        prompt_tok_s=long_prompt_tokens / prefill,
-        new_tokens=short.new_tokens,
-        peak_rss_mb=memory.peak_mb,
-        description=description,
-    )
+    return {
+        description: Measurement(
+            ttft_s=statistics.median(r.ttft_s for r in case_runs),
+            decode_tok_s=statistics.median(r.decode_tok_s for r in case_runs),
+            prompt_tok_s=long_prompt_tokens / prefill,
+            new_tokens=int(statistics.median(r.new_tokens for r in case_runs)),
+            peak_rss_mb=memory.peak_mb,
+            description=description,
+        )
+        for description, case_runs in results.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,14 +230,14 @@ def bench_baseline(
         return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
 
     # The model is freed when this function returns (the closures above die with it).
-    return measure_case(
-        "transformers model.generate, float32",
-        run,
+    description = "transformers model.generate, float32"
+    return measure_cases(
+        {description: run},
         lambda: timed_generate(long_ids, 1)[0],
         len(long_ids),
         runs,
         PeakRSS(),
-    )
+    )[description]
 
 
 def bench_engine(
@@ -249,8 +252,8 @@ def bench_engine(
 ) -> tuple[Measurement, Measurement | None]:
     """The app's engine: whole replies (`generate`) and, if `streaming`, event by event.
 
-    Both are timed the same way on the caller's clock, and their runs alternate, so drift on a
-    noisy machine lands on both sides of the streaming overhead instead of on one.
+    Both are timed the same way on the caller's clock, and their runs alternate (see
+    `measure_cases`), so drift lands on both sides of the streaming overhead instead of on one.
     """
     one_token = GenerationSettings(
         max_new_tokens=1, temperature=0.0, repetition_penalty=settings.repetition_penalty
@@ -279,28 +282,12 @@ def bench_engine(
         return event.time_to_first_token or event.elapsed
 
     adapter = ", adapter off" if engine.has_adapter and not use_adapter else ""
-    modes = {"generate": generate, "stream": stream} if streaming else {"generate": generate}
-    memory = PeakRSS()
-    with memory:
-        for run in modes.values():
-            run()  # warm-up: first-call allocations, lazy kernels, page faults on the weights
-        by_mode: dict[str, list[Run]] = {mode: [] for mode in modes}
-        for _ in range(runs):
-            for mode, run in modes.items():
-                by_mode[mode].append(run())
-        prefill_seconds()  # warm-up for the long prompt's buffer sizes
-        prefill = statistics.median(prefill_seconds() for _ in range(runs))
-    measurements = [
-        Measurement(
-            ttft_s=statistics.median(r.ttft_s for r in results),
-            decode_tok_s=statistics.median(r.decode_tok_s for r in results),
-            prompt_tok_s=len(long_ids) / prefill,
-            new_tokens=int(statistics.median(r.new_tokens for r in results)),
-            peak_rss_mb=memory.peak_mb,
-            description=f"{engine.description} ({mode}{adapter})",
-        )
-        for mode, results in by_mode.items()
-    ]
+    cases = {f"{engine.description} (generate{adapter})": generate}
+    if streaming:
+        cases[f"{engine.description} (stream{adapter})"] = stream
+    measurements = list(
+        measure_cases(cases, prefill_seconds, len(long_ids), runs, PeakRSS()).values()
+    )
     return measurements[0], measurements[1] if streaming else None
 
 
@@ -342,14 +329,14 @@ def bench_llamacpp(
         return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
 
     lora = f" + LoRA {Path(lora_path).name}" if lora_path else ""
-    result = measure_case(
-        f"llama_cpp.Llama {Path(gguf_path).name}{lora}",
-        run,
+    description = f"llama_cpp.Llama {Path(gguf_path).name}{lora}"
+    result = measure_cases(
+        {description: run},
         lambda: timed_completion(long_ids, 1)[0],
         len(long_ids),
         runs,
         PeakRSS(),
-    )
+    )[description]
     llm.close()
     return result
 
@@ -447,7 +434,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             else None
         )
         results["app_merged"] = results["app_unmerged"] = None
-        app_merges = engine.has_adapter and getattr(engine, "adapter_merged", False)
+        app_merges = getattr(engine, "adapter_merged", False)
         if engine.has_adapter and isinstance(engine, TransformersEngine):
             # Last, because merging rewrites the base weights of this engine's model in place.
             merged = TransformersEngine(

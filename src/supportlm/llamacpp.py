@@ -323,6 +323,7 @@ def _cached(folder: str, stem: str, key: str, write) -> Path:
         logger.info("Writing %s (once).", target)
         write(target)
         for stale in target.parent.glob(f"{stem}-*.gguf"):
+            # Same stem and a key of the same length: not a longer stem that starts with this one.
             if stale != target and len(stale.name) == len(target.name):
                 with contextlib.suppress(OSError):  # in use on Windows: left for next time
                     stale.unlink()
@@ -688,8 +689,6 @@ class LlamaCppEngine:
             description=description,
             **kwargs,
         )
-
-    # -- caller side -----------------------------------------------------------------------
 
     # -- caller side -----------------------------------------------------------------------
 

@@ -120,8 +120,8 @@ class AppSettings:
         default=0,
         metadata={
             "help": "SUPPORTLM_LLAMACPP_LANES: llama.cpp contexts decoding in parallel; 0: one "
-            "per thread, at most SUPPORTLM_CONCURRENCY. 1 gives one user the fastest decode "
-            "and several users the least in total; see `LlamaCppEngine`."
+            "per thread, at most SUPPORTLM_CONCURRENCY; 1: one context on every thread "
+            "(about as fast for one user, less in total for several: docs/benchmarks.md)."
         },
     )
     notes: list[str] = field(
