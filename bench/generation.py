@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
@@ -146,6 +146,37 @@ def _decode_rate(new_tokens: int, total_s: float, ttft_s: float) -> float:
     return (new_tokens - 1) / (total_s - ttft_s) if new_tokens > 1 and total_s > ttft_s else 0.0
 
 
+class FirstTokenClock(StoppingCriteria):
+    """A stopping criterion that never stops: it notes when the first new token exists.
+
+    Both libraries call their stopping criteria once per new token, before the next step, so
+    the reference cases get time to first token and decode time from one call, with neither a
+    streamer nor a second, shorter call to subtract (on a tiny model that difference is noise
+    and can come out negative). Works as a transformers `StoppingCriteria` and as a
+    llama-cpp-python stopping criterion (any callable returning a bool).
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
+
+    def restart(self) -> None:
+        self.start, self.first_at = time.perf_counter(), None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if isinstance(input_ids, torch.Tensor):
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return False
+
+    def run(self, new_tokens: int) -> Run:
+        """The timings of the call that started at the last `restart` and ended just now."""
+        total = time.perf_counter() - self.start
+        ttft = (self.first_at or time.perf_counter()) - self.start
+        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
+
+
 def measure_cases(
     cases: dict[str, Callable[[], Run]],
     prefill_seconds: Callable[[], float],
@@ -208,7 +239,9 @@ def bench_baseline(
         "pad_token_id": tokenizer.pad_token_id,
     }
 
-    def timed_generate(ids: list[int], max_new_tokens: int) -> tuple[float, int]:
+    clock = FirstTokenClock()
+
+    def timed_generate(ids: list[int], max_new_tokens: int) -> Run:
         input_ids = torch.tensor([ids])
 
         def generate() -> torch.Tensor:
@@ -217,23 +250,22 @@ def bench_baseline(
                     input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     max_new_tokens=max_new_tokens,
+                    stopping_criteria=StoppingCriteriaList([clock]),
                     **greedy,
                 )
 
-        start = time.perf_counter()
+        clock.restart()
         output = in_worker_thread(generate)
-        return time.perf_counter() - start, output.shape[1] - len(ids)
+        return clock.run(output.shape[1] - len(ids))
 
     def run() -> Run:
-        ttft, _ = timed_generate(prompt_ids, 1)
-        total, new_tokens = timed_generate(prompt_ids, settings.max_new_tokens)
-        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
+        return timed_generate(prompt_ids, settings.max_new_tokens)
 
     # The model is freed when this function returns (the closures above die with it).
     description = "transformers model.generate, float32"
     return measure_cases(
         {description: run},
-        lambda: timed_generate(long_ids, 1)[0],
+        lambda: timed_generate(long_ids, 1).ttft_s,
         len(long_ids),
         runs,
         PeakRSS(),
@@ -301,6 +333,7 @@ def bench_llamacpp(
 ) -> Measurement:
     """llama-cpp-python's high-level `Llama`, the way its README uses it."""
     from llama_cpp import Llama
+    from llama_cpp import StoppingCriteriaList as LlamaStoppingCriteria
 
     kwargs: dict[str, Any] = {"lora_path": str(lora_path)} if lora_path else {}
     llm = Llama(
@@ -310,29 +343,30 @@ def bench_llamacpp(
         **kwargs,
     )
 
-    def timed_completion(ids: list[int], max_tokens: int) -> tuple[float, int]:
+    clock = FirstTokenClock()
+
+    def timed_completion(ids: list[int], max_tokens: int) -> Run:
         llm.reset()  # no prompt reuse from the previous call: every run pays its prefill
-        start = time.perf_counter()
+        clock.restart()
         completion = in_worker_thread(
             lambda: llm.create_completion(
                 ids,
                 max_tokens=max_tokens,
                 temperature=0.0,
                 repeat_penalty=settings.repetition_penalty,
+                stopping_criteria=LlamaStoppingCriteria([clock]),
             )
         )
-        return time.perf_counter() - start, completion["usage"]["completion_tokens"]
+        return clock.run(completion["usage"]["completion_tokens"])
 
     def run() -> Run:
-        ttft, _ = timed_completion(prompt_ids, 1)
-        total, new_tokens = timed_completion(prompt_ids, settings.max_new_tokens)
-        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
+        return timed_completion(prompt_ids, settings.max_new_tokens)
 
     lora = f" + LoRA {Path(lora_path).name}" if lora_path else ""
     description = f"llama_cpp.Llama {Path(gguf_path).name}{lora}"
     result = measure_cases(
         {description: run},
-        lambda: timed_completion(long_ids, 1)[0],
+        lambda: timed_completion(long_ids, 1).ttft_s,
         len(long_ids),
         runs,
         PeakRSS(),
