@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import runpy
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,3 +389,26 @@ def test_a_retrained_adapter_replaces_its_cached_exports(adapter_dir, tmp_path, 
     assert second != first and second_merged != first_merged
     assert second.is_file() and second_merged.is_file() and other.is_file()
     assert not first.exists() and not first_merged.exists()
+
+
+def test_generation_bench_on_the_real_gguf(adapter_dir, cache, tmp_path):
+    """bench/generation.py with llama.cpp: the llama.cpp cases run and their ratios add up."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "generation.py"
+    main = runpy.run_path(str(bench), run_name="bench_generation")["main"]
+    output = tmp_path / "bench.json"
+    argv = ["--adapter", str(adapter_dir), "--backend", "llama.cpp", "--runs", "1"]
+    argv += ["--max_new_tokens", "6", "--prompt_tokens", "60", "--json", str(output)]
+    assert main(argv) == 0
+    report = json.loads(output.read_text())
+    for case in ("baseline", "app", "app_streaming", "app_unmerged", "llamacpp"):
+        # Each reference case times its first token inside the same call as the rest.
+        assert report[case]["decode_tok_s"] > 0 and report[case]["ttft_s"] > 0, case
+        assert 1 < report[case]["new_tokens"] <= 6, case
+    assert "llama_cpp.Llama" in report["llamacpp"]["description"]
+    assert "LoRA" in report["llamacpp"]["description"]  # the same adapter, as a GGUF LoRA
+    assert report["vs_llamacpp"] == pytest.approx(
+        report["app"]["decode_tok_s"] / report["llamacpp"]["decode_tok_s"]
+    )
+    assert report["merged_vs_unmerged"] == pytest.approx(
+        report["app"]["decode_tok_s"] / report["app_unmerged"]["decode_tok_s"]
+    )
