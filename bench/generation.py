@@ -157,11 +157,11 @@ class FirstTokenClock(StoppingCriteria):
     """
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first_at: float | None = None
+        self.restart()
 
     def restart(self) -> None:
-        self.start, self.first_at = time.perf_counter(), None
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         if self.first_at is None:
