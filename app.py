@@ -1,7 +1,8 @@
 """supportlm's web app: `python app.py` (also the Hugging Face Space entry point).
 
-Settings come from ``SUPPORTLM_*`` environment variables (see `supportlm.serving.AppSettings`);
-host and port from Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
+Settings come from ``SUPPORTLM_*`` environment variables (see
+`supportlm.serve.settings.AppSettings`); host and port from Gradio's own
+``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
 """
 
 import importlib.util
@@ -15,7 +16,7 @@ if importlib.util.find_spec("supportlm") is None:
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
-from supportlm.ui import build_demo
+from supportlm.serve.ui import build_demo
 
 setup_logging()
 try:

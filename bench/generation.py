@@ -7,8 +7,8 @@ On one model (default: the embedded SmolLM2-135M-Instruct), one fixed prompt and
 it measures
 
 * baseline: plain `model.generate` in float32 (transformers, no adapter, no streamer);
-* app / app_streaming: the app's engine (`supportlm.serving.build_engine`: llama.cpp when it is
-  installed and the model is a GGUF, else transformers) with the adapter, called like the app
+* app / app_streaming: the app's engine (`supportlm.serve.backends.build_engine`: llama.cpp when
+  it is installed and the model is a GGUF, else transformers) with the adapter, called like the app
   calls it: `generate` (whole reply) and `stream` (every event consumed, timed by the consumer);
 * app_no_adapter: the same engine with the adapter switched off for the request;
 * app_merged: transformers only, the adapter merged into the weights;
@@ -45,17 +45,19 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from supportlm import setup_logging
+from supportlm.engines.base import Engine, GenerationSettings
+from supportlm.engines.transformers import TransformersEngine
 from supportlm.errors import SupportLMError
-from supportlm.generation import Engine, GenerationSettings, TransformersEngine
 from supportlm.modeling import load_tokenizer, prepare_model_dir, resolve_model
 from supportlm.prompts import (
     DEFAULT_SYSTEM_PROMPT,
     encode_chat,
     end_of_turn_token_ids,
-    load_prompt_style,
     with_system_prompt,
 )
-from supportlm.serving import AppSettings, build_engine
+from supportlm.run_folder import RunFolder
+from supportlm.serve.backends import build_engine
+from supportlm.serve.settings import AppSettings
 
 QUESTION = (
     "I ordered a cast-iron casserole two weeks ago and it arrived with a cracked lid. Explain "
@@ -293,7 +295,7 @@ def bench_engine(
 
     def generate() -> Run:
         start = time.perf_counter()
-        event = engine.generate(prompt_ids, settings, use_adapter=use_adapter)
+        event = engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
         total = time.perf_counter() - start
         ttft = event.time_to_first_token or total
         return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
@@ -302,7 +304,7 @@ def bench_engine(
         # Timed where the UI sees the text: after the engine's queue and detokenisation.
         start = time.perf_counter()
         first_text_at = None
-        for event in engine.stream(prompt_ids, settings, use_adapter=use_adapter):
+        for event in engine.stream(engine.request(prompt_ids, settings, use_adapter=use_adapter)):
             if first_text_at is None and event.text:
                 first_text_at = time.perf_counter()
         total = time.perf_counter() - start
@@ -310,7 +312,7 @@ def bench_engine(
         return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
 
     def prefill_seconds() -> float:
-        event = engine.generate(long_ids, one_token, use_adapter=use_adapter)
+        event = engine.generate(engine.request(long_ids, one_token, use_adapter=use_adapter))
         return event.time_to_first_token or event.elapsed
 
     adapter = ", adapter off" if engine.has_adapter and not use_adapter else ""
@@ -412,13 +414,7 @@ def build_app_engine(model: str, adapter: str | None, backend: str, **overrides:
         "SUPPORTLM_BACKEND": backend,
         **overrides,
     }
-    return build_engine(AppSettings.from_env(environ))
-
-
-def _close(engine: Engine) -> None:
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close()
+    return build_engine(AppSettings.from_env(environ).resolve())
 
 
 def _ratio(numerator: Measurement | None, denominator: Measurement | None) -> float | None:
@@ -430,9 +426,11 @@ def _ratio(numerator: Measurement | None, denominator: Measurement | None) -> fl
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    system_prompt = DEFAULT_SYSTEM_PROMPT
-    if args.adapter and (style := load_prompt_style(args.adapter)):
-        system_prompt = style.get("system_prompt") or system_prompt
+    system_prompt = (
+        RunFolder(args.adapter).prompt_style().system_prompt
+        if args.adapter
+        else (DEFAULT_SYSTEM_PROMPT)
+    )
     prompt_ids, long_ids = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(
@@ -474,6 +472,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             merged = TransformersEngine(
                 engine.model.merge_and_unload(),
                 engine.tokenizer,
+                adapter=engine.adapter,
                 description=f"{engine.description}, adapter merged",
                 context_length=engine.context_length,
             )
@@ -482,7 +481,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             )[0]
             del merged
     finally:
-        _close(engine)
+        engine.close()
         del engine
         gc.collect()
     if app_merges:
@@ -494,17 +493,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 unmerged, prompt_ids, long_ids, settings, args.runs, streaming=False
             )[0]
         finally:
-            _close(unmerged)
+            unmerged.close()
             del unmerged
             gc.collect()
 
     results["llamacpp"] = None
-    from supportlm import llamacpp
+    from supportlm.engines import llamacpp
 
     if llamacpp.is_available() and source.gguf_path is not None:
-        lora_path = (
-            llamacpp.cached_lora_gguf(args.adapter, source.gguf_path) if args.adapter else None
-        )
+        from supportlm.engines.llamacpp.gguf import cached_lora_gguf
+
+        lora_path = cached_lora_gguf(args.adapter, source.gguf_path) if args.adapter else None
         results["llamacpp"] = bench_llamacpp(
             source.gguf_path, lora_path, prompt_ids, long_ids, settings, args.runs
         )

@@ -1,4 +1,4 @@
-"""Training speed on this machine: a naive loop vs TRL's SFTTrainer defaults vs supportlm.training.
+"""Training speed on this machine: a naive loop vs TRL's SFTTrainer defaults vs supportlm's trainer.
 
     python bench/train.py --steps 20 --json bench/train.json
 
@@ -13,7 +13,7 @@ model and training split, with the same batch size, learning rate and number of 
   prompt/completion form, whose default ``completion_only_loss`` supervises the last assistant
   answer (every example of the Bitext data is single-turn). Only bf16 is turned off: it is
   emulated on this CPU and would make TRL several times slower;
-* ours: `supportlm.training.train` with its defaults (group by length, supervised-only head,
+* ours: `supportlm.train.trainer.train` with its defaults (group by length, supervised-only head,
   one thread per physical core, no activation checkpointing), evaluation off while timing.
 
 Memory, QLoRA against 16-bit LoRA (run it on a GPU; ``--variants qlora,lora16``):
@@ -54,7 +54,7 @@ MEMORY_VARIANTS = ("qlora", "lora16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from supportlm.data import DEFAULT_DATASET
+    from supportlm.train.data import DEFAULT_DATASET
 
     default_dataset = str(BITEXT_CSV) if BITEXT_CSV.is_file() else DEFAULT_DATASET
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,9 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace):
-    from supportlm.data import prepare_dataset
     from supportlm.modeling import load_tokenizer
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
+    from supportlm.train.data import prepare_dataset
 
     tokenizer = load_tokenizer(args.model)
     prepared = prepare_dataset(
@@ -106,7 +106,7 @@ def load_base(args: argparse.Namespace):
 
 
 def lora_config():
-    from supportlm.config import LoraArguments
+    from supportlm.train.config import LoraArguments
 
     return LoraArguments().to_peft_config()
 
@@ -160,7 +160,7 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
     from peft import get_peft_model
 
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.training import tokenize_examples
+    from supportlm.train.trainer import tokenize_examples
 
     tokenizer, train_examples, validation = prepare(args)
     train_set = tokenize_examples(train_examples, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
@@ -199,7 +199,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, with_system_prompt
-    from supportlm.training import StepTimer, tokenize_examples
+    from supportlm.train.trainer import StepTimer, tokenize_examples
 
     tokenizer, train_examples, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
@@ -244,9 +244,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_ours(args: argparse.Namespace, quantization: str | None = None) -> dict[str, Any]:
-    from supportlm.config import parse_config
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.training import tokenize_examples, train
+    from supportlm.train.config import parse_config
+    from supportlm.train.trainer import tokenize_examples, train
 
     tokenizer, _, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)

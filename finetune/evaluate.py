@@ -4,7 +4,7 @@
         --output outputs/eval.json
 
 Writes the report as JSON, Markdown (eval.md) and a bar chart (eval.png). By default the data is
-the test split of what the adapter was trained on; see `supportlm.evaluation` for the choices.
+the test split of what the adapter was trained on; see `supportlm.train.evaluation` for the choices.
 Without --adapter only the base model is evaluated.
 """
 
@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
-from supportlm.evaluation import EvaluationArguments, evaluate, write_report
+from supportlm.train.evaluation import EvaluationArguments, evaluate, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import supportlm
 from supportlm.errors import SupportLMError
-from supportlm.training import merge_adapter
+from supportlm.train.merge import merge_adapter
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quantization",
         default="none",
         choices=["none", "4bit", "8bit"],
-        help="Only none: merging into a quantised base is refused.",
+        help="Only none: merging into a quantised base is refused (the merged weights would "
+        "be rounded back to 4 or 8 bits, losing most of the adapter).",
     )
     parser.add_argument("--push_to_hub", metavar="REPO", help="Also upload to this Hub repo.")
     return parser.parse_args(argv)
@@ -46,12 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     supportlm.setup_logging()
     args = parse_args(argv)
     try:
+        if args.quantization != "none":
+            raise SupportLMError(
+                f"Refusing to merge into a {args.quantization} base: rounding the merged weights "
+                f"back to {args.quantization} would lose most of the adapter; merge with "
+                "--quantization none."
+            )
         output_dir = merge_adapter(
             args.adapter,
             args.output_dir,
             model_name_or_path=args.model_name_or_path,
             dtype=args.dtype,
-            quantization=args.quantization,
         )
         if args.push_to_hub:
             from huggingface_hub import upload_folder

@@ -3,7 +3,8 @@
     python finetune/train.py [--config finetune/configs/default.yaml] [--flag value ...]
 
 Without `--config` the checked-in default run (finetune/configs/default.yaml) is used. Flags
-override the YAML; `--help` lists every setting. See `supportlm.config` and `supportlm.training`.
+override the YAML; `--help` lists every setting. See `supportlm.train.config` and
+`supportlm.train.trainer`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import supportlm
-from supportlm.config import parse_config
 from supportlm.errors import SupportLMError
-from supportlm.training import train
+from supportlm.train.config import parse_config
+from supportlm.train.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

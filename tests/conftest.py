@@ -11,9 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from helpers import save_random_adapter
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from supportlm.modeling import prepare_model_dir
+from supportlm.prompts import save_prompt_style
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BITEXT_CSV = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
@@ -74,6 +76,15 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> str:
+    """A random (non-zero) LoRA on the tiny model, saved with the prompt style "Be brief." as
+    finetune/train.py saves one."""
+    folder = save_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-adapter"))
+    save_prompt_style(folder, AutoTokenizer.from_pretrained(tiny_model_dir), "Be brief.")
     return str(folder)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,38 +23,41 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import StatusUpdate
+from helpers import free_port
 
-from supportlm.generation import GenerationSettings, StreamEvent, TransformersEngine
+from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
+from supportlm.engines.transformers import TransformersEngine
 from supportlm.modeling import load_model
 from supportlm.prompts import encode_chat, with_system_prompt
-from supportlm.serving import AppSettings, Assistant
-from supportlm.ui import build_demo
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.settings import AppSettings
+from supportlm.serve.ui import build_demo
 
 TRIGGER = "PLEASE-FAIL"
 MAX_INPUT_CHARS = 300
 
 
-class FailingEngine:
+class FailingEngine(Engine):
     """The real tiny engine, except that a prompt containing `TRIGGER` fails mid-generation.
 
     It also remembers the stop event of the last request, so a test can see Stop arrive.
     """
 
     def __init__(self, engine: TransformersEngine) -> None:
+        super().__init__()
         self.engine = engine
         self.name = engine.name
         self.description = engine.description
         self.tokenizer = engine.tokenizer
         self.context_length = engine.context_length
-        self.has_adapter = engine.has_adapter
+        self.adapter = engine.adapter
+        self.max_concurrency = 2
         self.last_stop_event: threading.Event | None = None
 
-    def stream(self, prompt_ids, settings, *, stop_event=None, use_adapter=True):
+    def _stream(self, request, stop_event):
         self.last_stop_event = stop_event
-        events = self.engine.stream(
-            prompt_ids, settings, stop_event=stop_event, use_adapter=use_adapter
-        )
-        if TRIGGER in self.tokenizer.decode(prompt_ids):
+        events = self.engine.stream(request, stop_event=stop_event)
+        if TRIGGER in self.tokenizer.decode(request.prompt_ids):
             return self._fail(events)
         return events
 
@@ -64,35 +66,28 @@ class FailingEngine:
         events.close()
         raise RuntimeError("the GPU caught fire")
 
-    def generate(self, prompt_ids, settings, *, use_adapter=True):
-        return self.engine.generate(prompt_ids, settings, use_adapter=use_adapter)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("app")
-    settings = AppSettings(
+    plan = AppSettings(
         model=tiny_chat_model_dir,
         backend="transformers",
         feedback_db=folder / "feedback.sqlite3",
         max_input_chars=MAX_INPUT_CHARS,
         concurrency=2,
-    )
+    ).resolve()
     engine = TransformersEngine.from_loaded(load_model(tiny_chat_model_dir), context_length=2048)
     forward_calls: list[int] = []
     engine.model.register_forward_hook(lambda *args: forward_calls.append(1))
     failing = FailingEngine(engine)
-    demo = build_demo(assistant=Assistant(failing, settings))
+    assistant = Assistant(failing, plan)
+    demo = build_demo(assistant=assistant)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     yield {
         "url": url,
-        "settings": settings,
+        "plan": plan,
+        "assistant": assistant,
         "engine": failing,
         "forward_calls": forward_calls,
     }
@@ -124,10 +119,11 @@ def test_chat_uses_the_history(app, client: Client) -> None:
     engine = app["engine"]
     messages = with_system_prompt(
         [*history, {"role": "user", "content": "Refund please"}],
-        Assistant(engine, app["settings"]).system_prompt,
+        app["assistant"].system_prompt,
     )
     prompt_ids = encode_chat(engine.tokenizer, messages)
-    expected = engine.generate(prompt_ids, GenerationSettings(max_new_tokens=12)).text
+    request = engine.request(prompt_ids, GenerationSettings(max_new_tokens=12))
+    expected = engine.generate(request).text
     assert with_history == expected
 
 
@@ -139,28 +135,28 @@ def test_summarize_and_translate_return_strings(client: Client) -> None:
     assert isinstance(translation, str) and translation
 
 
-def test_correction_is_stored_redacted(app, client: Client) -> None:
+def test_chat_replies_are_stored_with_their_reply_id_and_corrections_name_them(app, client):
     question = "I'm anna@example.com, call +1 415-555-0100, card 4111 1111 1111 1111."
     reply = client.predict(question, api_name="/chat", max_new_tokens=8)
-    # The chat tab's Chatbot value, as the browser sends it.
-    history = [
-        {"role": "user", "content": [{"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": reply}]},
-    ]
-    settings = ["Be helpful.", 0.0, 0.9, 64, 1.1]  # the chat tab's generation settings
-    client.predict(history, "Write to anna@example.com", *settings, api_name="/correct")
-    with sqlite3.connect(app["settings"].feedback_db) as connection:
+    assistant = app["assistant"]
+    (stored,) = [r for r in assistant.feedback.list_replies(limit=20) if "[CARD]" in str(r)][:1]
+    assert stored["reply_id"].startswith("req-")
+    assert stored["reply"] == reply  # what the client received is what the server logged
+    assert stored["model_id"] == app["plan"].model and stored["backend"] == "transformers"
+    assert stored["settings"]["max_new_tokens"] == 8
+    assistant.record_feedback(
+        "correction", stored["reply_id"], corrected_answer="Write to anna@example.com"
+    )
+    with sqlite3.connect(app["plan"].settings.feedback_db) as connection:
         row = connection.execute(
-            "SELECT kind, conversation, corrected_answer, model_id, backend, settings "
-            "FROM feedback ORDER BY id DESC LIMIT 1"
+            "SELECT kind, conversation, corrected_answer, reply_id FROM feedback "
+            "ORDER BY id DESC LIMIT 1"
         ).fetchone()
-    kind, conversation, corrected, model_id, backend, generation = row
-    assert kind == "correction"
+    kind, conversation, corrected, reply_id = row
+    assert kind == "correction" and reply_id == stored["reply_id"]
     assert "[EMAIL]" in conversation and "[PHONE]" in conversation and "[CARD]" in conversation
     assert "anna@example.com" not in conversation and "4111" not in conversation
     assert corrected == "Write to [EMAIL]"
-    assert model_id == app["settings"].model and backend == "transformers"
-    assert '"max_new_tokens": 64' in generation
 
 
 def test_concurrent_users_get_their_own_answers(app) -> None:
@@ -217,10 +213,9 @@ def test_stop_stops_the_model_not_just_the_stream(app, client: Client) -> None:
             break
     assert len(calls) < max_new_tokens
     # The same greedy request, left alone, really runs to max_new_tokens.
-    assistant = Assistant(engine, app["settings"])
     generation = GenerationSettings(max_new_tokens=max_new_tokens)
-    request = assistant.chat_request(question, [], None, generation)
-    assert engine.generate(request.prompt_ids, generation).finish_reason == "length"
+    chat = app["assistant"].chat_request(question, [], None, generation)
+    assert engine.generate(engine.request(chat.prompt_ids, generation)).finish_reason == "length"
 
 
 def test_api_endpoints_are_documented(client: Client) -> None:
@@ -232,15 +227,15 @@ def test_api_endpoints_are_documented(client: Client) -> None:
 
 def test_real_model_smoke(tmp_path: Path) -> None:
     """The three endpoints on the real embedded SmolLM2 (one launch, short replies)."""
-    settings = AppSettings.from_env(
+    plan = AppSettings.from_env(
         {
             "SUPPORTLM_MODEL": "embedded",
             # The llama.cpp backend (auto's choice when installed) has its own tests.
             "SUPPORTLM_BACKEND": "transformers",
             "SUPPORTLM_FEEDBACK_DB": str(tmp_path / "fb.sqlite3"),
         }
-    )
-    demo = build_demo(settings)
+    ).resolve()
+    demo = build_demo(plan)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         client = Client(url, verbose=False)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from helpers import free_port, save_random_adapter
 
-from supportlm.serving import AppSettings
-from supportlm.ui import build_demo
+from supportlm.run_folder import RunFolder
+from supportlm.serve.settings import AppSettings
+from supportlm.serve.ui import build_demo
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -28,17 +27,10 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model_dir: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     folder = tmp_path_factory.mktemp("browser-adapter")
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0); make "tuned" differ from "base"
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.5)
-    peft_model.save_pretrained(folder)
+    # A large B, so that "tuned" clearly differs from "base".
+    save_random_adapter(tiny_chat_model_dir, folder, b_std=0.5, seed=1)
     (folder / "metrics.json").write_text(json.dumps({"eval_loss": 2.5, "rougeL": 0.31}))
     figure, axis = plt.subplots(figsize=(4, 2.5))
     axis.plot([3.0, 2.6, 2.4])
@@ -50,17 +42,14 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model_dir: s
 @pytest.fixture(scope="module")
 def app_url(tiny_chat_model_dir: str, adapter_dir: Path, tmp_path_factory):
     feedback_db = tmp_path_factory.mktemp("browser-app") / "feedback.sqlite3"
-    settings = AppSettings(
+    plan = AppSettings(
         model=tiny_chat_model_dir,
         adapter=str(adapter_dir),
         backend="transformers",
         feedback_db=feedback_db,
-    )
-    demo = build_demo(settings)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    ).resolve()
+    demo = build_demo(plan)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     yield url, feedback_db
     demo.close()
 
@@ -139,5 +128,7 @@ def test_about_tab_shows_the_adapter(page, adapter_dir: Path) -> None:
 
     page.get_by_role("tab", name="About").click()
     expect(page.locator("#about-serving")).to_contain_text(str(adapter_dir))
+    version = RunFolder(adapter_dir).adapter_version()
+    expect(page.locator("#about-serving")).to_contain_text(version)
     expect(page.get_by_text("rougeL")).to_be_visible()
     expect(page.locator("img").last).to_be_visible()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from supportlm.config import TrainConfig, parse_config
 from supportlm.errors import SupportLMError
-from supportlm.runs import run_name
+from supportlm.run_folder import run_name
+from supportlm.train.config import TrainConfig, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "finetune" / "configs").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Tests for `supportlm.data`: loading the four shapes, cleaning, splitting and the data report."""
+"""Tests for `supportlm.train.data`: loading the four shapes, cleaning, splitting, the report."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from supportlm.data import (
+from supportlm.errors import SupportLMError
+from supportlm.prompts import CHATML_TEMPLATE, IGNORE_INDEX, tokenize_conversation
+from supportlm.train.data import (
     DEFAULT_DATASET,
     REPO_ROOT,
     SHAPES,
@@ -28,8 +30,6 @@ from supportlm.data import (
     split_examples,
     with_system_prompt,
 )
-from supportlm.errors import SupportLMError
-from supportlm.prompts import CHATML_TEMPLATE, IGNORE_INDEX, tokenize_conversation
 
 BITEXT_CSV = Path("/work/shared/data/bitext-customer-support/train.csv")
 
@@ -55,7 +55,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def write_csv(path: Path, records: list[dict]) -> Path:
-    """CSV with chat turns stored as JSON cells, the way `supportlm.data` reads them."""
+    """CSV with chat turns stored as JSON cells, the way `supportlm.train.data` reads them."""
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=list(records[0]))
         writer.writeheader()
@@ -267,7 +267,7 @@ def test_unreachable_hub_dataset_is_a_clear_error():
     # A subprocess, because the Hub's offline switch is read when huggingface_hub is imported;
     # offline, the failure is immediate instead of retried for half a minute.
     script = (
-        "from supportlm.data import load_examples\n"
+        "from supportlm.train.data import load_examples\n"
         "from supportlm.errors import SupportLMError\n"
         "try:\n"
         "    load_examples('no-such-owner/no-such-dataset')\n"

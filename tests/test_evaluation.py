@@ -12,9 +12,9 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from supportlm.data import load_examples, sample_examples, split_examples
-from supportlm.evaluation import METRICS, TRAINING_CONFIG_FILE
 from supportlm.prompts import save_prompt_style
+from supportlm.train.data import load_examples, sample_examples, split_examples
+from supportlm.train.evaluation import METRICS, TRAINING_CONFIG_FILE
 
 EVALUATE = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
 SYSTEM_PROMPT = "You are the support assistant of a small kitchenware shop."

@@ -14,22 +14,25 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from helpers import answer, save_random_adapter  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from supportlm.errors import SupportLMError  # noqa: E402
-from supportlm.generation import Engine, GenerationSettings, TransformersEngine  # noqa: E402
-from supportlm.llamacpp import (  # noqa: E402
-    LlamaCppEngine,
-    _quantised_below_8_bits,
+from supportlm.embedded import EMBEDDED_GGUF_FILE, embedded_model_dir  # noqa: E402
+from supportlm.engines.base import Engine, GenerationSettings  # noqa: E402
+from supportlm.engines.llamacpp.engine import LlamaCppEngine  # noqa: E402
+from supportlm.engines.llamacpp.gguf import (  # noqa: E402
     cached_lora_gguf,
     cached_reencoded_gguf,
     export_lora_to_gguf,
+    quantised_below_8_bits,
     write_merged_gguf,
 )
-from supportlm.modeling import EMBEDDED_GGUF_FILE, embedded_model_dir  # noqa: E402
+from supportlm.engines.transformers import TransformersEngine  # noqa: E402
+from supportlm.errors import SupportLMError  # noqa: E402
 from supportlm.prompts import encode_chat  # noqa: E402
-from supportlm.serving import AppSettings, build_engine  # noqa: E402
+from supportlm.serve.backends import build_engine  # noqa: E402
+from supportlm.serve.settings import AppSettings  # noqa: E402
 
 GGUF = embedded_model_dir() / EMBEDDED_GGUF_FILE
 GREEDY = GenerationSettings(max_new_tokens=16)  # repetition_penalty 1.1, as the app uses
@@ -44,17 +47,10 @@ def hf_model(smollm2_dir):
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, smollm2_dir):
     """A rank-16 all-linear LoRA with random non-zero B weights, so it changes the answers."""
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    torch.manual_seed(0)  # LoRA A is initialised randomly too: the same adapter every run
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.02, generator=generator)
     folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    return folder
+    return save_random_adapter(
+        smollm2_dir, folder, r=16, lora_alpha=32, target_modules="all-linear", b_std=0.02
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +106,9 @@ def test_greedy_text_matches_transformers(engine, hf_model, smollm2_tokenizer, q
     # tokens of these prompts win by more than 1.5 logits: they must agree exactly.
     prompt = chat(smollm2_tokenizer, question)
     settings = GenerationSettings(max_new_tokens=5)
-    expected = TransformersEngine(hf_model, smollm2_tokenizer).generate(prompt, settings)
-    got = engine.generate(prompt, settings, use_adapter=False)
+    reference = TransformersEngine(hf_model, smollm2_tokenizer)
+    expected = reference.generate(reference.request(prompt, settings))
+    got = answer(engine, prompt, settings, use_adapter=False)
     assert got.text == expected.text
     assert got.num_tokens == expected.num_tokens == 5
     assert got.finish_reason == expected.finish_reason == "length"
@@ -164,10 +161,10 @@ def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
     # switching it back on must give the same answer again.
     questions = ["How do I reset my password?", "Where is my parcel?", "Can I return a lamp?"]
     prompts = [chat(smollm2_tokenizer, question) for question in questions]
-    with_adapter = [engine.generate(p, GREEDY, use_adapter=True).text for p in prompts]
-    without = [engine.generate(p, GREEDY, use_adapter=False).text for p in prompts]
+    with_adapter = [answer(engine, p, GREEDY, use_adapter=True).text for p in prompts]
+    without = [answer(engine, p, GREEDY, use_adapter=False).text for p in prompts]
     assert with_adapter != without
-    assert engine.generate(prompts[0], GREEDY, use_adapter=True).text == with_adapter[0]
+    assert answer(engine, prompts[0], GREEDY, use_adapter=True).text == with_adapter[0]
 
 
 def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
@@ -175,23 +172,25 @@ def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
     stop = threading.Event()
     settings = GenerationSettings(max_new_tokens=500, repetition_penalty=1.0)
     events = []
-    for event in engine.stream(prompt, settings, stop_event=stop, use_adapter=False):
+    for event in engine.stream(
+        engine.request(prompt, settings, use_adapter=False), stop_event=stop
+    ):
         events.append(event)
         if event.num_tokens >= 3:
             stop.set()
     assert events[-1].finish_reason == "cancelled"
     assert events[-1].num_tokens < 20
     # Both sequences are free again: two more requests run side by side.
-    assert engine.generate(prompt, GREEDY, use_adapter=False).num_tokens == GREEDY.max_new_tokens
+    assert answer(engine, prompt, GREEDY, use_adapter=False).num_tokens == GREEDY.max_new_tokens
 
 
 def test_concurrent_streams_get_their_own_answers(engine, smollm2_tokenizer):
     questions = ["Where is my parcel?", "Can I pay with PayPal?", "How do I close my account?"]
     prompts = [chat(smollm2_tokenizer, q) for q in questions]
-    sequential = [engine.generate(p, GREEDY, use_adapter=False).text for p in prompts]
+    sequential = [answer(engine, p, GREEDY, use_adapter=False).text for p in prompts]
     # Three requests on two sequences: two decode together, the third waits for a free one.
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: engine.generate(p, GREEDY, use_adapter=False), prompts))
+        together = list(pool.map(lambda p: answer(engine, p, GREEDY, use_adapter=False), prompts))
     assert [event.text for event in together] == sequential
     assert len(set(sequential)) == len(sequential)
 
@@ -202,14 +201,14 @@ def test_lanes_split_the_sequences_and_threads(smollm2_tokenizer, adapter_dir, c
         GGUF, smollm2_tokenizer, n_threads=3, n_seq_max=5, **options
     ) as e:
         assert (e.lanes, e.threads) == (3, 3)
-        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(2, 1), (2, 1), (1, 1)]
+        assert e.lane_layout == [(2, 1), (2, 1), (1, 1)]
         assert e.description.endswith("3 lanes on 3 threads")
     with LlamaCppEngine.from_gguf(
         GGUF, smollm2_tokenizer, n_threads=4, n_seq_max=2, **options
     ) as e:
-        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(1, 2), (1, 2)]
+        assert e.lane_layout == [(1, 2), (1, 2)]
     with LlamaCppEngine.from_gguf(GGUF, smollm2_tokenizer, n_threads=2, n_lanes=1, **options) as e:
-        assert [(lane.capacity, lane.threads) for lane in e._lanes] == [(4, 2)]
+        assert e.lane_layout == [(4, 2)]
 
 
 def test_both_adapter_states_run_at_once_on_two_lanes(engine, smollm2_tokenizer):
@@ -218,30 +217,30 @@ def test_both_adapter_states_run_at_once_on_two_lanes(engine, smollm2_tokenizer)
     prompts = [chat(smollm2_tokenizer, q) for q in ("Where is my parcel?", "Can I return a lamp?")]
     states = [True, False, True, False]
     jobs = [(prompt, state) for prompt in prompts for state in states[:2]]
-    sequential = [engine.generate(p, GREEDY, use_adapter=state).text for p, state in jobs]
+    sequential = [answer(engine, p, GREEDY, use_adapter=state).text for p, state in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = pool.map(lambda job: engine.generate(job[0], GREEDY, use_adapter=job[1]), jobs)
+        together = pool.map(lambda job: answer(engine, job[0], GREEDY, use_adapter=job[1]), jobs)
         assert [event.text for event in together] == sequential
     assert sequential[0] != sequential[1] or sequential[2] != sequential[3]
 
 
 def test_bad_request_fails_alone_and_engine_keeps_serving(engine, smollm2_tokenizer):
     prompt = chat(smollm2_tokenizer, "Where is my parcel?")
-    expected = engine.generate(prompt, GREEDY, use_adapter=False).text
-    running = engine.stream(prompt, GREEDY, use_adapter=False)
+    expected = answer(engine, prompt, GREEDY, use_adapter=False).text
+    running = engine.stream(engine.request(prompt, GREEDY, use_adapter=False))
     first = next(running)
     with pytest.raises(SupportLMError, match="vocabulary"):
-        engine.generate([*prompt, 10**7], GREEDY, use_adapter=False)
+        answer(engine, [*prompt, 10**7], GREEDY, use_adapter=False)
     *_, final = running
     assert first.text and final.text == expected
-    assert engine.generate(prompt, GREEDY, use_adapter=False).text == expected
+    assert answer(engine, prompt, GREEDY, use_adapter=False).text == expected
 
 
 def test_sampling_is_reproducible_with_a_seed(engine, smollm2_tokenizer):
     prompt = chat(smollm2_tokenizer, "Suggest a name for a support chatbot.")
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
-    first = engine.generate(prompt, settings, use_adapter=False).text
-    assert engine.generate(prompt, settings, use_adapter=False).text == first
+    first = answer(engine, prompt, settings, use_adapter=False).text
+    assert answer(engine, prompt, settings, use_adapter=False).text == first
 
 
 QUESTIONS = [
@@ -257,9 +256,9 @@ def _centered_rms(logits: np.ndarray) -> float:
 
 
 def test_file_type_decides_what_auto_serves(cache, f32_base):
-    assert _quantised_below_8_bits(GGUF)  # Q4_1
-    assert not _quantised_below_8_bits(cached_reencoded_gguf(GGUF, "q8_0"))
-    assert not _quantised_below_8_bits(f32_base)
+    assert quantised_below_8_bits(GGUF)  # Q4_1
+    assert not quantised_below_8_bits(cached_reencoded_gguf(GGUF, "q8_0"))
+    assert not quantised_below_8_bits(f32_base)
 
 
 def test_q8_0_reencoding_keeps_the_4_bit_values(cache):
@@ -321,9 +320,9 @@ def test_merged_engine_serves_both_adapter_states(smollm2_tokenizer, adapter_dir
         LlamaCppEngine(f32_base, smollm2_tokenizer, lora_path=lora, **options) as runtime,
     ):
         for use_adapter in (True, False, True):
-            text = m.generate(prompt, short, use_adapter=use_adapter).text
-            assert text == runtime.generate(prompt, short, use_adapter=use_adapter).text
-        on, off = (m.generate(prompt, GREEDY, use_adapter=flag).text for flag in (True, False))
+            text = answer(m, prompt, short, use_adapter=use_adapter).text
+            assert text == answer(runtime, prompt, short, use_adapter=use_adapter).text
+        on, off = (answer(m, prompt, GREEDY, use_adapter=flag).text for flag in (True, False))
         assert on != off
 
 
@@ -338,8 +337,8 @@ def test_from_gguf_weights_option(smollm2_tokenizer, adapter_dir, cache):
         assert "as Q8_0" in engine.description and "(merged)" in engine.description
         assert engine.adapter_merged
         prompt = chat(smollm2_tokenizer, "How do I reset my password?")
-        on = engine.generate(prompt, GREEDY, use_adapter=True)
-        off = engine.generate(prompt, GREEDY, use_adapter=False)
+        on = answer(engine, prompt, GREEDY, use_adapter=True)
+        off = answer(engine, prompt, GREEDY, use_adapter=False)
         assert on.num_tokens and off.num_tokens and on.text != off.text
     with LlamaCppEngine.from_gguf(GGUF, smollm2_tokenizer, weights="q8_0", **options) as engine:
         assert not engine.has_adapter and "as Q8_0" in engine.description
@@ -359,7 +358,7 @@ def test_app_settings_choose_the_llamacpp_weights_and_threads(smollm2_tokenizer,
     settings = AppSettings.from_env(environ)
     assert (settings.llamacpp_weights, settings.llamacpp_threads) == ("original", 2)
     assert settings.llamacpp_lanes == 1
-    engine = build_engine(settings)
+    engine = build_engine(settings.resolve())
     try:
         assert engine.description == f"llama.cpp · {GGUF.name} · 1 lane on 2 threads"
         assert (engine.lanes, engine.threads) == (1, 2)

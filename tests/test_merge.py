@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers import save_random_adapter
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from supportlm.errors import SupportLMError
-from supportlm.prompts import load_prompt_style, save_prompt_style
-from supportlm.training import merge_adapter
+from supportlm.prompts import save_prompt_style
+from supportlm.train.merge import merge_adapter
 
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter with random (non-zero) updates, saved like train.py saves one."""
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(
-        base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    folder = save_random_adapter(
+        tiny_model_dir, tmp_path_factory.mktemp("adapter"), target_modules="all-linear"
     )
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
     save_prompt_style(folder, AutoTokenizer.from_pretrained(tiny_model_dir), "Be brief.")
     return folder
 
@@ -41,15 +39,25 @@ def test_merged_logits_equal_adapter_logits(tiny_model_dir, tiny_adapter, tmp_pa
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(actual, plain, atol=1e-3)  # the adapter really changed the model
     assert not (merged_dir / "adapter_config.json").exists()
-    assert load_prompt_style(merged_dir)["system_prompt"] == "Be brief."
+    assert (
+        json.loads((merged_dir / "supportlm_prompt.json").read_text())["system_prompt"]
+        == "Be brief."
+    )
     assert AutoTokenizer.from_pretrained(merged_dir).chat_template
     assert json.loads((merged_dir / "config.json").read_text())["model_type"] == "llama"
 
 
-def test_merging_into_a_quantised_base_is_refused(tiny_adapter, tmp_path) -> None:
-    with pytest.raises(SupportLMError, match="Refusing to merge into a 4bit base"):
-        merge_adapter(tiny_adapter, tmp_path / "merged", quantization="4bit")
-    assert not (tmp_path / "merged").exists()
+def test_merging_into_a_quantised_base_is_refused(tiny_adapter, tmp_path, capsys) -> None:
+    merge = runpy.run_path(str(Path(__file__).parents[1] / "finetune" / "merge.py"))["main"]
+    output = tmp_path / "merged"
+    assert (
+        merge(
+            ["--adapter", str(tiny_adapter), "--output_dir", str(output), "--quantization", "4bit"]
+        )
+        == 2
+    )
+    assert "Refusing to merge into a 4bit base" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_merging_a_folder_without_adapter_fails_clearly(tmp_path) -> None:

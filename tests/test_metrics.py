@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from supportlm.metrics import (
+from supportlm.prompts import IGNORE_INDEX
+from supportlm.train.metrics import (
     bleu,
     chrf,
     latency_summary,
@@ -18,7 +19,6 @@ from supportlm.metrics import (
     rouge_l,
     text_metrics,
 )
-from supportlm.prompts import IGNORE_INDEX
 
 SENTENCE = "Please share your order number and I will cancel the order for you."
 

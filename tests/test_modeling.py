@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from supportlm.embedded import EMBEDDED_UPSTREAM_ID
 from supportlm.errors import SupportLMError
 from supportlm.modeling import (
-    EMBEDDED_UPSTREAM_ID,
     check_adapter_base,
     load_model,
     prepare_model_dir,

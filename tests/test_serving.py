@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from supportlm.embedded import EMBEDDED_PACKAGE, EMBEDDED_UPSTREAM_ID
 from supportlm.errors import SupportLMError
-from supportlm.modeling import EMBEDDED_PACKAGE, EMBEDDED_UPSTREAM_ID
-from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, save_prompt_style
-from supportlm.serving import (
-    AppSettings,
-    cap_text,
-    default_system_prompt,
-    flatten_metrics,
-    plain_messages,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> str:
-    """A LoRA adapter on the tiny model, saved with its prompt style like finetune/train.py does."""
-    folder = tmp_path_factory.mktemp("tiny-adapter")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(folder)
-    save_prompt_style(folder, AutoTokenizer.from_pretrained(tiny_model_dir), "Be brief.")
-    return str(folder)
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
+from supportlm.run_folder import RunFolder
+from supportlm.serve.history import cap_text, plain_messages
+from supportlm.serve.settings import AppSettings
+from supportlm.serve.ui.about import flatten_metrics
 
 
 def test_from_env_reads_every_variable(tmp_path: Path, tiny_model_dir: str) -> None:
@@ -46,9 +31,10 @@ def test_from_env_reads_every_variable(tmp_path: Path, tiny_model_dir: str) -> N
             "SUPPORTLM_CONTEXT_LENGTH": "512",
         }
     )
-    assert settings.model == tiny_model_dir
-    assert settings.adapter is None
-    assert settings.backend == "transformers"
+    plan = settings.resolve()
+    assert plan.model == tiny_model_dir
+    assert plan.adapter is None
+    assert plan.backend == "transformers"
     assert settings.feedback_db == tmp_path / "fb.sqlite3"
     assert (settings.max_input_chars, settings.max_input_tokens) == (500, 128)
     assert (settings.concurrency, settings.max_queue, settings.context_length) == (2, 8, 512)
@@ -58,12 +44,28 @@ def test_from_env_defaults(tiny_model_dir: str) -> None:
     settings = AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir})
     assert (settings.max_input_chars, settings.max_input_tokens) == (4000, 1024)
     assert (settings.concurrency, settings.max_queue, settings.context_length) == (4, 32, 2048)
+    assert settings.rate_limit == 0
+
+
+def test_every_setting_declares_its_variable_and_its_default_once(tiny_model_dir: str) -> None:
+    # from_env reads exactly the declared fields: unset variables leave the declared default.
+    assert AppSettings.from_env({}) == AppSettings()
+    for spec in dataclasses.fields(AppSettings):
+        assert spec.metadata["env"].startswith("SUPPORTLM_")
+        assert spec.metadata["help"].startswith(spec.metadata["env"])
+
+
+def test_a_directly_built_auto_backend_is_resolved_like_the_environment(tiny_model_dir) -> None:
+    direct = AppSettings(model=tiny_model_dir, backend="auto").resolve()
+    from_env = AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir}).resolve()
+    assert direct.backend == from_env.backend == "transformers"
+    assert direct.notes == from_env.notes
 
 
 def test_auto_backend_is_transformers_for_a_model_folder(tiny_model_dir: str) -> None:
-    settings = AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir})
-    assert settings.backend == "transformers"
-    assert any("not a GGUF" in note for note in settings.notes)
+    plan = AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir}).resolve()
+    assert plan.backend == "transformers"
+    assert any("not a GGUF" in note for note in plan.notes)
 
 
 @pytest.mark.parametrize(
@@ -77,14 +79,14 @@ def test_auto_backend_is_transformers_for_a_model_folder(tiny_model_dir: str) ->
 )
 def test_from_env_rejects_bad_values(tiny_model_dir: str, name: str, value: str, message: str):
     with pytest.raises(SupportLMError, match=message):
-        AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir, name: value})
+        AppSettings.from_env({"SUPPORTLM_MODEL": tiny_model_dir, name: value}).resolve()
 
 
 def test_only_an_adapter_serves_its_recorded_base(tiny_adapter_dir: str, tiny_model_dir: str):
-    settings = AppSettings.from_env({"SUPPORTLM_ADAPTER": tiny_adapter_dir})
-    assert settings.adapter == tiny_adapter_dir
-    assert Path(settings.model).resolve() == Path(tiny_model_dir).resolve()
-    assert any("recorded in the adapter" in note for note in settings.notes)
+    plan = AppSettings.from_env({"SUPPORTLM_ADAPTER": tiny_adapter_dir}).resolve()
+    assert plan.adapter == tiny_adapter_dir
+    assert Path(plan.model).resolve() == Path(tiny_model_dir).resolve()
+    assert any("recorded with the adapter" in note for note in plan.notes)
 
 
 def test_nothing_set_serves_the_latest_trained_adapter(
@@ -96,18 +98,18 @@ def test_nothing_set_serves_the_latest_trained_adapter(
     run.parent.mkdir()
     run.symlink_to(tiny_adapter_dir, target_is_directory=True)
     (tmp_path / "outputs" / "latest").write_text("my-run\n")
-    settings = AppSettings.from_env({})
-    assert Path(settings.adapter).resolve() == Path(tiny_adapter_dir).resolve()
-    assert "finetune/train.py" in settings.notes[0]
+    plan = AppSettings.from_env({}).resolve()
+    assert Path(plan.adapter).resolve() == Path(tiny_adapter_dir).resolve()
+    assert "finetune/train.py" in plan.notes[0]
 
 
 def test_nothing_set_and_no_training_serves_the_embedded_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    settings = AppSettings.from_env({})
-    assert settings.adapter is None
-    assert settings.model == "embedded"
+    plan = AppSettings.from_env({}).resolve()
+    assert plan.adapter is None
+    assert plan.model == "embedded"
 
 
 def test_embedded_without_its_package_falls_back_to_the_hub_model(
@@ -115,15 +117,15 @@ def test_embedded_without_its_package_falls_back_to_the_hub_model(
 ) -> None:
     # A None entry in sys.modules is Python's documented way to make a module unimportable.
     monkeypatch.setitem(sys.modules, EMBEDDED_PACKAGE, None)
-    settings = AppSettings.from_env({"SUPPORTLM_MODEL": "embedded"})
-    assert settings.model == EMBEDDED_UPSTREAM_ID
-    assert settings.backend == "transformers"
-    assert any(EMBEDDED_UPSTREAM_ID in note for note in settings.notes)
+    plan = AppSettings.from_env({"SUPPORTLM_MODEL": "embedded"}).resolve()
+    assert plan.model == EMBEDDED_UPSTREAM_ID
+    assert plan.backend == "transformers"
+    assert any(EMBEDDED_UPSTREAM_ID in note for note in plan.notes)
 
 
 def test_system_prompt_comes_from_the_adapter(tiny_adapter_dir: str) -> None:
-    assert default_system_prompt(tiny_adapter_dir) == "Be brief."
-    assert default_system_prompt(None) == DEFAULT_SYSTEM_PROMPT
+    assert RunFolder(tiny_adapter_dir).prompt_style().system_prompt == "Be brief."
+    assert RunFolder("no-such-folder").prompt_style().system_prompt == DEFAULT_SYSTEM_PROMPT
 
 
 def test_cap_text_cuts_characters_then_tokens(smollm2_tokenizer) -> None:

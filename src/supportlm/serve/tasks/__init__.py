@@ -29,18 +29,19 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
+from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
-from supportlm.generation import Engine, GenerationSettings, StreamEvent
 from supportlm.prompts import (
     DEFAULT_SYSTEM_PROMPT,
     encode_chat,
     summarize_messages,
     translate_messages,
 )
+from supportlm.serve.redaction import EMAIL_PATTERN
 
 #: `progress(fraction, description)`; the UI passes a `gr.Progress`.
 ProgressCallback = Callable[[float, str], None]
@@ -59,7 +60,7 @@ _PROTECTED = re.compile(
             _PLACEHOLDER,
             # URLs, without trailing punctuation that belongs to the sentence.
             r"(?:https?://|www\.)[^\s<>\"'{}]*[^\s<>\"'{}.,;:!?)\]]",
-            r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+            EMAIL_PATTERN,
             # Numbers with their inner separators: prices, dates, times, order and phone numbers.
             r"[+#]?\d+(?:[.,:/\-]\d+)*",
         ]
@@ -215,16 +216,18 @@ def _missing_spans(text: str, spans: list[str]) -> list[str]:
 class _Usage:
     """Token counts and timings over every model call of one task."""
 
-    start: float
+    clock: EventClock = field(default_factory=EventClock)
     num_tokens: int = 0
-    first_token_time: float | None = None
     truncated: bool = False
 
     def add(self, final: StreamEvent, call_start: float) -> None:
         self.num_tokens += final.num_tokens
         self.truncated = self.truncated or final.finish_reason == "length"
-        if self.first_token_time is None and final.time_to_first_token is not None:
-            self.first_token_time = call_start + final.time_to_first_token
+        self._first_token(final, call_start)
+
+    def _first_token(self, event: StreamEvent, call_start: float) -> None:
+        if event.time_to_first_token is not None:
+            self.clock.first_token(call_start + event.time_to_first_token)
 
     def event(
         self,
@@ -235,19 +238,10 @@ class _Usage:
         finish_reason: str | None = None,
     ) -> StreamEvent:
         num_tokens = self.num_tokens
-        first = self.first_token_time
         if running is not None:
             num_tokens += running.num_tokens
-            if first is None and running.time_to_first_token is not None:
-                first = call_start + running.time_to_first_token
-        return StreamEvent(
-            text=text,
-            num_tokens=num_tokens,
-            time_to_first_token=None if first is None else first - self.start,
-            elapsed=time.perf_counter() - self.start,
-            finished=finish_reason is not None,
-            finish_reason=finish_reason,
-        )
+            self._first_token(running, call_start)
+        return self.clock.event(text, num_tokens, finish_reason)
 
 
 def _run(
@@ -259,7 +253,7 @@ def _run(
 ) -> Iterator[tuple[StreamEvent, float]]:
     """Stream one model call, recording its usage once it finishes."""
     call_start = time.perf_counter()
-    for event in engine.stream(prompt_ids, settings, stop_event=stop_event):
+    for event in engine.stream(engine.request(prompt_ids, settings), stop_event=stop_event):
         if event.finished:
             usage.add(event, call_start)
         yield event, call_start
@@ -331,7 +325,7 @@ def _summarize(
     stop_event: threading.Event | None,
 ) -> Iterator[StreamEvent]:
     tokenizer = engine.tokenizer
-    usage = _Usage(start=time.perf_counter())
+    usage = _Usage()
     report = _Progress(progress)
 
     def prompt(part: str) -> list[int]:
@@ -533,7 +527,7 @@ def _translate(
     stop_event: threading.Event | None,
 ) -> Iterator[StreamEvent]:
     tokenizer = engine.tokenizer
-    usage = _Usage(start=time.perf_counter())
+    usage = _Usage()
     report = _Progress(progress)
     layout = _layout(tokenizer, text, budget)
     translations: dict[int, str] = {}

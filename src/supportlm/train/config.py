@@ -22,17 +22,12 @@ from typing import Any
 from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, TrlParser
 
-from supportlm.data import DEFAULT_DATASET, REPO_ROOT
+from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.errors import SupportLMError
-from supportlm.modeling import (
-    DTYPE_CHOICES,
-    EMBEDDED_MODEL,
-    QUANTIZATION_CHOICES,
-    ModelSource,
-    resolve_model,
-)
+from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, ModelSource, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-from supportlm.runs import default_output_dir
+from supportlm.run_folder import default_output_dir
+from supportlm.train.data import DEFAULT_DATASET, REPO_ROOT
 
 #: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
 
@@ -327,7 +322,7 @@ def _tensorboard_available() -> bool:
 
 @dataclass
 class TrainConfig:
-    """Everything `supportlm.training.train` needs, one object per concern."""
+    """Everything `supportlm.train.trainer.train` needs, one object per concern."""
 
     model: ModelArguments
     data: DataArguments

@@ -1,0 +1,1 @@
+"""Serving: settings, the shared assistant, admission, feedback, tasks and the Gradio UI."""

@@ -1,0 +1,268 @@
+"""The assistant: the shared service behind every tab and API, free of Gradio.
+
+It turns conversations, texts and votes into engine calls and stored rows:
+
+* every call that generates passes through one `Admission` (concurrency, waiting line, rate
+  limits), whatever tab or API it comes from;
+* every chat reply (and both compare answers) is stored with a server-issued reply id, the
+  request id of the engine call that wrote it, and the adapter version;
+* feedback and votes name reply ids, so they always refer to what the server really said.
+
+Nothing per user is kept here; each call receives its conversation from the caller (Gradio keeps
+it per browser session), so two users' conversations cannot mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from supportlm.engines.base import Engine, GenerationRequest, GenerationSettings, StreamEvent
+from supportlm.errors import SupportLMError
+from supportlm.prompts import encode_chat, fit_messages, with_system_prompt
+from supportlm.run_folder import PromptStyle, RunFolder
+from supportlm.serve.admission import Admission
+from supportlm.serve.feedback import FeedbackStore, ReplyRecord
+from supportlm.serve.history import cap_text, plain_messages
+from supportlm.serve.settings import ServingPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatRequest:
+    """A prompt ready for the engine, with notices for the user about what was changed."""
+
+    prompt_ids: list[int]
+    messages: list[dict[str, str]]
+    notices: list[str]
+
+
+class Assistant:
+    """One engine, one feedback store, one admission layer, shared by every user."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: ServingPlan,
+        *,
+        system_prompt: str | None = None,
+        feedback: FeedbackStore | None = None,
+        admission: Admission | None = None,
+    ) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.settings = plan.settings
+        self.run = RunFolder(plan.adapter) if plan.adapter else None
+        style = self.run.prompt_style() if self.run else PromptStyle.default()
+        self.system_prompt = system_prompt or style.system_prompt
+        self.feedback = feedback or FeedbackStore(self.settings.feedback_db)
+        self.admission = admission or Admission(
+            min(self.settings.concurrency, engine.max_concurrency),
+            self.settings.max_queue,
+            rate_limit=self.settings.rate_limit,
+        )
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return min(self.settings.context_length, self.engine.context_length)
+
+    def cap(self, text: str) -> tuple[str, str | None]:
+        return cap_text(
+            text, self.tokenizer, self.settings.max_input_chars, self.settings.max_input_tokens
+        )
+
+    # -- generating -----------------------------------------------------------------------------
+
+    def _admitted(
+        self,
+        events: Iterator[StreamEvent],
+        client_id: str | None,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[StreamEvent]:
+        """`events` inside a generation slot; closing this generator stops the model too."""
+        try:
+            with contextlib.closing(events), self.admission.admit(client_id):  # type: ignore[arg-type]
+                yield from events
+        finally:
+            if stop_event is not None:
+                stop_event.set()
+
+    def chat_request(
+        self,
+        message: str,
+        history: Sequence[Mapping[str, Any]] | None,
+        system_prompt: str | None,
+        settings: GenerationSettings,
+    ) -> ChatRequest:
+        """Cap the new message, add the system prompt, drop the oldest turns that do not fit."""
+        if not message.strip():
+            raise SupportLMError("Please type a message.")
+        message, notice = self.cap(message)
+        notices = [notice] if notice else []
+        conversation = [*plain_messages(history), {"role": "user", "content": message}]
+        messages = with_system_prompt(conversation, system_prompt or self.system_prompt)
+        budget = self.context_length - settings.max_new_tokens
+        if budget < 1:
+            raise SupportLMError(
+                f"max_new_tokens ({settings.max_new_tokens}) leaves no room for the prompt in the "
+                f"{self.context_length}-token context."
+            )
+        fitted = fit_messages(self.tokenizer, messages, budget)
+        if len(fitted) < len(messages):
+            notices.append("The oldest turns were left out to fit the model's context window.")
+        return ChatRequest(encode_chat(self.tokenizer, fitted), fitted, notices)
+
+    def chat(
+        self,
+        chat: ChatRequest,
+        settings: GenerationSettings,
+        *,
+        use_adapter: bool = True,
+        client_id: str | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Stream the reply to `chat`, stored under its reply id (`event.request_id`).
+
+        The reply is stored with its first event, so it can be rated while it streams, and its
+        whole text is stored when it finishes.
+        """
+        request = self.engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
+        stored = False
+        for event in self._admitted(self.engine.stream(request), client_id):
+            if not stored:
+                stored = self._store_reply(chat, request, event)
+            elif event.finished:
+                finish = functools.partial(
+                    self.feedback.finish_reply, request.request_id, event.text, event.finish_reason
+                )
+                self._safely(request, finish)
+            yield event
+
+    def compare(
+        self, question: str, settings: GenerationSettings, *, client_id: str | None = None
+    ) -> Iterator[tuple[StreamEvent | None, StreamEvent | None]]:
+        """The base model's answer, then the adapter's, to the same prompt: (base, tuned) events."""
+        if not self.engine.has_adapter:
+            raise SupportLMError("No fine-tuned adapter is loaded, so there is nothing to compare.")
+        chat = self.chat_request(question, [], None, settings)
+        base = None
+        for base in self.chat(chat, settings, use_adapter=False, client_id=client_id):
+            yield base, None
+        for tuned in self.chat(chat, settings, use_adapter=True, client_id=client_id):
+            yield base, tuned
+
+    def summarize(
+        self,
+        text: str,
+        style: str,
+        settings: GenerationSettings,
+        *,
+        progress: Callable[..., Any] | None = None,
+        client_id: str | None = None,
+    ) -> Iterator[StreamEvent]:
+        from supportlm.serve import tasks
+
+        stop_event = threading.Event()
+        events = tasks.summarize(
+            self.engine,
+            text,
+            style,
+            settings,
+            system_prompt=self.system_prompt,
+            progress=progress,
+            stop_event=stop_event,
+        )
+        yield from self._admitted(events, client_id, stop_event)
+
+    def translate(
+        self,
+        text: str,
+        target_language: str,
+        settings: GenerationSettings,
+        *,
+        source_language: str = "auto",
+        progress: Callable[..., Any] | None = None,
+        client_id: str | None = None,
+    ) -> Iterator[StreamEvent]:
+        from supportlm.serve import tasks
+
+        stop_event = threading.Event()
+        events = tasks.translate(
+            self.engine,
+            text,
+            target_language,
+            settings,
+            source_language=source_language,
+            progress=progress,
+            stop_event=stop_event,
+        )
+        yield from self._admitted(events, client_id, stop_event)
+
+    def count_tokens(self, text: str) -> int:
+        from supportlm.serve import tasks
+
+        return tasks.count_tokens(self.tokenizer, text)
+
+    # -- replies and feedback -------------------------------------------------------------------
+
+    def _store_reply(
+        self, chat: ChatRequest, request: GenerationRequest, event: StreamEvent
+    ) -> bool:
+        adapter = request.adapter
+        record = ReplyRecord(
+            reply_id=request.request_id,
+            conversation=[m for m in chat.messages if m["role"] != "system"],
+            reply=event.text,
+            finish_reason=event.finish_reason,
+            model_id=self.plan.model,
+            adapter_id=None if adapter is None else adapter.name,
+            adapter_version=None if adapter is None else adapter.version,
+            backend=self.engine.name,
+            settings={
+                **request.settings.to_dict(),
+                "system_prompt": next(
+                    (m["content"] for m in chat.messages if m["role"] == "system"), None
+                ),
+            },
+        )
+        return self._safely(request, lambda: self.feedback.add_reply(record))
+
+    @staticmethod
+    def _safely(request: GenerationRequest, store: Callable[[], Any]) -> bool:
+        """Run `store` for `request`'s reply; a failing store is logged, the reply still served."""
+        try:
+            store()
+        except (sqlite3.Error, OSError):
+            logger.exception("Could not store reply %s", request.request_id)
+            return False
+        return True
+
+    def record_feedback(
+        self, kind: str, reply_id: str, *, corrected_answer: str | None = None
+    ) -> int:
+        """Store a like, dislike or correction of the reply `reply_id`."""
+        return self.feedback.add_feedback(kind, reply_id, corrected_answer=corrected_answer)  # type: ignore[arg-type]
+
+    def record_vote(self, base_reply_id: str, tuned_reply_id: str, choice: str) -> int:
+        if not (base_reply_id and tuned_reply_id):
+            raise SupportLMError("Compare the two answers first, then vote.")
+        return self.feedback.add_vote(base_reply_id, tuned_reply_id, choice)  # type: ignore[arg-type]
+
+    def adapter_report(self) -> tuple[dict[str, Any] | None, Path | None]:
+        """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder)."""
+        if self.run is None or not self.run.is_adapter():
+            return None, None
+        return self.run.metrics(), self.run.loss_plot()

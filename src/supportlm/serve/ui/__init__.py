@@ -1,0 +1,58 @@
+"""The Gradio app: one module per tab plus the API endpoints (the only Gradio import).
+
+`build_demo` puts the tabs together around one shared `Assistant`; each tab module builds its own
+widgets and events and can be changed without reading the others.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from supportlm.engines.base import Engine
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.backends import build_engine
+from supportlm.serve.settings import AppSettings, ServingPlan
+from supportlm.serve.ui.about import about_tab
+from supportlm.serve.ui.api import register_api
+from supportlm.serve.ui.chat import chat_tab
+from supportlm.serve.ui.common import max_reply_tokens
+from supportlm.serve.ui.compare import compare_tab
+from supportlm.serve.ui.summarise import summarise_tab
+from supportlm.serve.ui.translate import translate_tab
+
+
+def build_demo(
+    plan: ServingPlan | None = None,
+    *,
+    engine: Engine | None = None,
+    assistant: Assistant | None = None,
+) -> gr.Blocks:
+    """The whole app around one shared model; `engine` or `assistant` skip loading (tests)."""
+    if assistant is None:
+        plan = plan or AppSettings.from_env().resolve()
+        assistant = Assistant(engine or build_engine(plan), plan)
+    settings = assistant.settings
+    max_reply = max_reply_tokens(assistant.context_length, settings.max_input_tokens)
+    tuned = " with a fine-tuned LoRA adapter" if assistant.engine.has_adapter else ""
+    with gr.Blocks(title="supportlm · customer-service assistant", fill_width=False) as demo:
+        gr.Markdown(
+            f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
+            f"Serving **{assistant.engine.description}**."
+        )
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat_tab(assistant, max_reply)
+            with gr.Tab("Summarise", id="summarise"):
+                summarise_tab(assistant, max_reply)
+            with gr.Tab("Translate", id="translate"):
+                translate_tab(assistant, max_reply)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab(assistant, max_reply)
+            with gr.Tab("About", id="about"):
+                about_tab(assistant)
+        register_api(assistant)
+    # The assistant's admission layer bounds generation across all events; Gradio's per-listener
+    # limit only caps the worker threads one listener may hold while they wait there.
+    limit = assistant.admission.concurrency + assistant.admission.max_queue
+    demo.queue(default_concurrency_limit=limit, max_size=settings.max_queue)
+    return demo

@@ -1,0 +1,62 @@
+"""The About tab: what serves (engine, model, adapter and its version), why, and its metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import gradio as gr
+
+from supportlm.serve.assistant import Assistant
+
+
+def about_tab(assistant: Assistant) -> None:
+    gr.Markdown(about_markdown(assistant), elem_id="about-serving")
+    metrics, loss_plot = assistant.adapter_report()
+    if metrics:
+        gr.Dataframe(
+            [list(row) for row in flatten_metrics(metrics)],
+            headers=["metric", "value"],
+            label="Adapter metrics (metrics.json)",
+            interactive=False,
+        )
+    if loss_plot is not None:
+        gr.Image(str(loss_plot), label="Training loss", interactive=False)
+
+
+def about_markdown(assistant: Assistant) -> str:
+    plan, settings, engine = assistant.plan, assistant.settings, assistant.engine
+    adapter = engine.adapter
+    lines = [
+        "## What is serving",
+        f"- **Engine:** {engine.description}",
+        f"- **Backend:** {engine.name}",
+        f"- **Model:** `{plan.model}`",
+        f"- **Adapter:** `{plan.adapter}` (version `{adapter.version}`)"
+        if plan.adapter and adapter
+        else "- **Adapter:** none",
+        f"- **Context window:** {assistant.context_length} tokens; inputs are cut at "
+        f"{settings.max_input_chars} characters / {settings.max_input_tokens} tokens",
+        f"- **Concurrency:** {assistant.admission.concurrency} requests at once, "
+        f"{settings.max_queue} waiting at most",
+    ]
+    if plan.notes:
+        lines += ["", "### How this was chosen", *(f"- {note}" for note in plan.notes)]
+    if plan.adapter and assistant.adapter_report() == (None, None):
+        lines += ["", "The adapter folder has no `metrics.json` or `loss.png`."]
+    return "\n".join(lines)
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``metrics.json`` as (name, value) rows; nested keys are joined with dots."""
+    rows: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows.extend(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, float):
+            rows.append((name, f"{value:.4g}"))
+        else:
+            rows.append((name, json.dumps(value) if not isinstance(value, str) else value))
+    return rows

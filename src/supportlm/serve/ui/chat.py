@@ -1,0 +1,129 @@
+"""The Chat tab: streaming answers, likes and dislikes, corrections of the last answer.
+
+Each reply's server-issued id is kept per session (a `gr.State` mapping the reply's position in
+the chat to its id), so a like or a correction names the reply the server stored, never a copy
+of the conversation the browser sends back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from supportlm.engines.base import GenerationSettings
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.ui.common import (
+    GenerationControls,
+    caption,
+    client_id,
+    gpu,
+    notify,
+    user_errors,
+    user_facing,
+)
+
+EXAMPLE_QUESTIONS = [
+    "I want to cancel my order, how do I do that?",
+    "My package hasn't arrived yet. Can you check where it is?",
+    "How can I get a refund for a damaged item?",
+    "I forgot my password and can't log in to my account.",
+]
+
+
+def chat_events(
+    assistant: Assistant,
+    message: str,
+    history: list[dict[str, Any]] | None,
+    system_prompt: str | None,
+    settings: GenerationSettings,
+    client: str | None = None,
+) -> Iterator[tuple[str, str, str]]:
+    """(reply text, caption, reply id) as the reply streams."""
+    chat = assistant.chat_request(message, history, system_prompt, settings)
+    notices = notify(chat.notices)
+    for event in assistant.chat(chat, settings, client_id=client):
+        yield event.text, caption(event, notices), event.request_id
+
+
+def chat_tab(assistant: Assistant, max_reply: int) -> None:
+    with gr.Accordion("Generation settings", open=False):
+        controls = GenerationControls(assistant.system_prompt, max_reply)
+    reply_ids = gr.State({})
+    caption_md = gr.Markdown(elem_id="chat-caption", render=False)
+    chatbot = gr.Chatbot(
+        label="Assistant",
+        height=440,
+        placeholder="Ask a customer-service question, or pick an example.",
+        editable="user",
+        elem_id="chatbot",
+    )
+
+    @gpu
+    def respond(
+        message, history, prompt, temperature, top_p, max_new, penalty, ids, request: gr.Request
+    ):
+        # Named parameters: Gradio injects `request` by its annotation, which *args would hide.
+        prompt, settings = controls.read((prompt, temperature, top_p, max_new, penalty))
+        index = len(history or []) + 1  # the reply follows the user's new message
+        events = chat_events(assistant, message, history, prompt, settings, client_id(request))
+        for text, caption_text, reply_id in user_facing(events):
+            yield text, caption_text, {**ids, index: reply_id}
+
+    gr.ChatInterface(
+        respond,
+        chatbot=chatbot,
+        additional_inputs=[*controls.inputs, reply_ids],
+        additional_outputs=[caption_md, reply_ids],
+        editable=True,
+        examples=[[question] for question in EXAMPLE_QUESTIONS],
+        api_name="chat_ui",
+        api_visibility="undocumented",
+        fill_height=False,
+    )
+    caption_md.render()
+    with gr.Accordion("Correct the last answer", open=False):
+        correction = gr.Textbox(label="What should the assistant have answered?", lines=3)
+        send_correction = gr.Button("Save correction", size="sm")
+    feedback_status = gr.Markdown(elem_id="feedback-status")
+    _feedback_events(assistant, chatbot, reply_ids, correction, send_correction, feedback_status)
+
+
+def _feedback_events(assistant, chatbot, reply_ids, correction, send_correction, status) -> None:
+    @user_errors
+    def on_like(ids: dict[int, str], like: gr.LikeData):
+        kind = {True: "like", "Like": "like", False: "dislike", "Dislike": "dislike"}.get(
+            like.liked
+        )
+        if kind is None:
+            return gr.skip()
+        index = like.index if isinstance(like.index, int) else like.index[0]
+        assistant.record_feedback(kind, _reply_id(ids, index))
+        return f"Thanks, your {kind} was saved."
+
+    chatbot.like(on_like, reply_ids, status, api_visibility="undocumented", api_name="like")
+
+    @user_errors
+    def on_correction(history, ids: dict[int, str], answer: str):
+        replies = [i for i, m in enumerate(history or []) if m["role"] == "assistant"]
+        if not replies:
+            raise gr.Error("There is no answer to correct yet.")
+        assistant.record_feedback(
+            "correction", _reply_id(ids, replies[-1]), corrected_answer=answer
+        )
+        return "", "Thanks, your correction was saved."
+
+    send_correction.click(
+        on_correction,
+        [chatbot, reply_ids, correction],
+        [correction, status],
+        api_visibility="undocumented",
+        api_name="correct",
+    )
+
+
+def _reply_id(ids: dict[int, str], index: int) -> str:
+    if index not in ids:
+        raise gr.Error("Only the assistant's replies in this session can be rated or corrected.")
+    return ids[index]

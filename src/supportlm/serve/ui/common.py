@@ -1,0 +1,134 @@
+"""What every tab shares: generation controls, user-facing errors, notices, the GPU hook."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import gradio as gr
+
+from supportlm.engines.base import GenerationSettings, StreamEvent
+from supportlm.errors import SupportLMError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULTS = GenerationSettings()
+
+
+def gpu(function: F) -> F:
+    """`spaces.GPU` on Hugging Face ZeroGPU Spaces (where `spaces` is installed), else as is."""
+    if importlib.util.find_spec("spaces") is None:
+        return function
+    import spaces
+
+    return spaces.GPU(function)
+
+
+def generation_settings(**values: Any) -> GenerationSettings:
+    """`GenerationSettings` from widget values; an invalid value is a message, not a crash."""
+    try:
+        return GenerationSettings(**values)
+    except (SupportLMError, TypeError, ValueError) as error:
+        raise gr.Error(str(error)) from error
+
+
+def user_errors(function: F) -> F:
+    """A handler whose `SupportLMError` is shown to the user as a `gr.Error` message."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except SupportLMError as error:
+            raise gr.Error(str(error)) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+def user_facing(events: Iterator[T]) -> Iterator[T]:
+    """Turn a failure inside generation into a message for the user instead of a dead request.
+
+    The engine recovers on its own (its lock and thread are released), so the next request works.
+    """
+    try:
+        yield from events
+    except gr.Error:
+        raise
+    except SupportLMError as error:
+        raise gr.Error(str(error)) from error
+    except Exception as error:
+        logger.exception("Generation failed")
+        raise gr.Error(
+            f"Sorry, the model failed to answer ({type(error).__name__}: {error}). "
+            "Please try again."
+        ) from error
+
+
+def notify(notices: list[str]) -> str:
+    """Show each notice as a toast; return them as Markdown for the caption."""
+    for notice in notices:
+        gr.Warning(notice)
+    return "".join(f"⚠️ {notice}  \n" for notice in notices)
+
+
+def caption(event: StreamEvent, notices: str = "") -> str:
+    return f"{notices}<small>{event.caption()}</small>"
+
+
+def client_id(request: gr.Request | None) -> str | None:
+    """Who is asking, for per-client rate limits: the client's address."""
+    if request is None or request.client is None:
+        return None
+    return request.client.host
+
+
+def max_reply_tokens(context_length: int, max_input_tokens: int) -> int:
+    """The largest reply the sliders offer: what the context leaves after a full input."""
+    return max(16, min(1024, context_length - max_input_tokens - 64))
+
+
+def max_new_tokens_slider(maximum: int, default: int, **kwargs: Any) -> gr.Slider:
+    return gr.Slider(16, maximum, min(default, maximum), step=16, label="Max new tokens", **kwargs)
+
+
+class GenerationControls:
+    """The chat tab's decoding sliders and system prompt; `settings` reads them in one place."""
+
+    def __init__(self, system_prompt: str, max_reply: int) -> None:
+        self.system_prompt = gr.Textbox(system_prompt, label="System prompt", lines=3)
+        self.temperature = gr.Slider(
+            0.0, 1.5, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)"
+        )
+        self.top_p = gr.Slider(0.05, 1.0, DEFAULTS.top_p, step=0.05, label="Top-p")
+        self.max_new_tokens = max_new_tokens_slider(max_reply, DEFAULTS.max_new_tokens)
+        self.repetition_penalty = gr.Slider(
+            1.0, 2.0, DEFAULTS.repetition_penalty, step=0.05, label="Repetition penalty"
+        )
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [
+            self.system_prompt,
+            self.temperature,
+            self.top_p,
+            self.max_new_tokens,
+            self.repetition_penalty,
+        ]
+
+    @staticmethod
+    def read(values: tuple[Any, ...]) -> tuple[str, GenerationSettings]:
+        """(system prompt, settings) from the values of `inputs`, in their order."""
+        prompt, temperature, top_p, max_new_tokens, repetition_penalty = values
+        settings = generation_settings(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens),
+            repetition_penalty=float(repetition_penalty),
+        )
+        return prompt, settings

@@ -1,0 +1,129 @@
+"""The Summarise tab: a ticket, thread or transcript (typed or uploaded) summarised in a style."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from supportlm.engines.base import GenerationSettings
+from supportlm.prompts import SUMMARY_STYLES
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.ui.common import (
+    caption,
+    client_id,
+    gpu,
+    max_new_tokens_slider,
+    notify,
+    user_facing,
+)
+
+SUMMARY_STYLE_LABELS = {
+    "paragraph": "Short paragraph",
+    "bullets": "Bullet points",
+    "action_items": "Action items for a support agent",
+}
+
+EXAMPLE_TICKET = (
+    "Customer: Hi, I ordered a pair of running shoes (order #48213) two weeks ago and they still "
+    "have not arrived. The tracking page has said 'in transit' for nine days. I need them for a "
+    "race next Saturday. Can you send a replacement by express delivery or refund me?\n"
+    "Agent: I'm sorry about the delay. I can see the parcel is stuck at the regional depot. I "
+    "have opened an investigation with the carrier.\n"
+    "Customer: OK, but I really need an answer by Wednesday, otherwise please refund me."
+)
+
+
+def check_text(text: str, what: str) -> None:
+    if not text or not text.strip():
+        raise gr.Error(f"Please paste or upload the text to {what}.")
+
+
+def summary_events(
+    assistant: Assistant,
+    text: str,
+    style: str,
+    settings: GenerationSettings,
+    progress: Any = None,
+    client: str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(summary so far, caption); the input is capped first, with a notice."""
+    check_text(text, "summarise")
+    text, notice = assistant.cap(text)
+    notices = notify([notice] if notice else [])
+    events = assistant.summarize(text, style, settings, progress=progress, client_id=client)
+    for event in events:
+        yield event.text, caption(event, notices)
+
+
+def summarise_tab(assistant: Assistant, max_reply: int) -> None:
+    with gr.Row():
+        with gr.Column():
+            text = gr.Textbox(
+                label="Text to summarise",
+                lines=12,
+                max_lines=20,
+                placeholder="Paste a ticket, an e-mail thread or a chat transcript.",
+            )
+            token_count = gr.Markdown(elem_id="summary-token-count")
+            upload = gr.File(
+                label="…or upload a .txt / .md file",
+                file_types=[".txt", ".md"],
+                type="filepath",
+                height=110,
+            )
+            style = gr.Radio(
+                [
+                    (label, key)
+                    for key, label in SUMMARY_STYLE_LABELS.items()
+                    if key in SUMMARY_STYLES
+                ],
+                value="paragraph",
+                label="Style",
+            )
+            max_new = max_new_tokens_slider(max_reply, 192)
+            button = gr.Button("Summarise", variant="primary")
+        with gr.Column():
+            output = gr.Textbox(
+                label="Summary", lines=12, buttons=["copy"], elem_id="summary-output"
+            )
+            caption_md = gr.Markdown()
+    gr.Examples([[EXAMPLE_TICKET, "action_items"]], [text, style])
+
+    def load_file(path: str | None) -> Any:
+        if not path:
+            return gr.skip()
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+
+    upload.upload(load_file, upload, text, api_visibility="undocumented")
+
+    def show_token_count(value: str) -> str:
+        count = assistant.count_tokens(value or "")
+        limit = assistant.settings.max_input_tokens
+        over = f" (over the {limit}-token limit: it will be cut)" if count > limit else ""
+        return f"<small>{count} tokens{over}</small>"
+
+    text.change(
+        show_token_count,
+        text,
+        token_count,
+        api_visibility="undocumented",
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
+
+    @gpu
+    def summarize_ui(value, style_key, max_new_tokens, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+        events = summary_events(assistant, value, style_key, settings, progress, client_id(request))
+        yield from user_facing(events)
+
+    button.click(
+        summarize_ui,
+        [text, style, max_new],
+        [output, caption_md],
+        api_visibility="undocumented",
+        api_name="summarize_ui",
+    )

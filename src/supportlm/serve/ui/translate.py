@@ -1,0 +1,96 @@
+"""The Translate tab: text translated line by line, placeholders and numbers kept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from supportlm.engines.base import GenerationSettings
+from supportlm.prompts import LANGUAGES
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.ui.common import (
+    caption,
+    client_id,
+    gpu,
+    max_new_tokens_slider,
+    notify,
+    user_facing,
+)
+from supportlm.serve.ui.summarise import check_text
+
+EXAMPLES = [
+    ["Your order {{Order Number}} has shipped and will arrive in 3 days.", "auto", "Spanish"],
+    ["Thank you for contacting us. How can I help you today?", "English", "German"],
+]
+
+
+def translation_events(
+    assistant: Assistant,
+    text: str,
+    target: str,
+    source: str,
+    settings: GenerationSettings,
+    progress: Any = None,
+    client: str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(translation so far, caption); the input is capped first, with a notice."""
+    check_text(text, "translate")
+    text, notice = assistant.cap(text)
+    notices = notify([notice] if notice else [])
+    events = assistant.translate(
+        text, target, settings, source_language=source, progress=progress, client_id=client
+    )
+    for event in events:
+        yield event.text, caption(event, notices)
+
+
+def translate_tab(assistant: Assistant, max_reply: int) -> None:
+    with gr.Row():
+        with gr.Column():
+            text = gr.Textbox(label="Text to translate", lines=10, max_lines=20)
+            with gr.Row():
+                source = gr.Dropdown(
+                    [("Detect automatically", "auto"), *((x, x) for x in LANGUAGES)],
+                    value="auto",
+                    label="From",
+                )
+                target = gr.Dropdown(LANGUAGES, value="French", label="To")
+            max_new = max_new_tokens_slider(max_reply, 384)
+            button = gr.Button("Translate", variant="primary")
+        with gr.Column():
+            output = gr.Textbox(
+                label="Translation", lines=10, buttons=["copy"], elem_id="translate-output"
+            )
+            caption_md = gr.Markdown()
+    gr.Examples(EXAMPLES, [text, source, target])
+
+    @gpu
+    def translate_ui(
+        value,
+        source_language,
+        target_language,
+        max_new_tokens,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 (Gradio injects it)
+    ):
+        settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+        events = translation_events(
+            assistant,
+            value,
+            target_language,
+            source_language,
+            settings,
+            progress,
+            client_id(request),
+        )
+        yield from user_facing(events)
+
+    button.click(
+        translate_ui,
+        [text, source, target, max_new],
+        [output, caption_md],
+        api_visibility="undocumented",
+        api_name="translate_ui",
+    )

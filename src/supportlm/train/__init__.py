@@ -1,0 +1,1 @@
+"""Training: configuration, data, the trainer, evaluation, metrics and merging (`finetune/*.py`)."""

@@ -1,0 +1,62 @@
+"""Builders the tests share: a random LoRA adapter on a model folder, a free local port.
+
+Fixtures that use them live in `conftest.py`; tests import these directly when they need a
+variant (another rank, targets or weight scale).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+def save_random_adapter(
+    model_dir: str,
+    folder: Path,
+    *,
+    r: int = 4,
+    lora_alpha: int | None = None,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    b_std: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a LoRA adapter for `model_dir` whose update is not zero, so tuned differs from base.
+
+    With `b_std` None, PEFT's own random initialisation (``init_lora_weights=False``); else B is
+    drawn from N(0, b_std) with a seeded generator. The same arguments give the same adapter.
+    """
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)  # LoRA A is random too
+    config = LoraConfig(
+        r=r,
+        lora_alpha=8 if lora_alpha is None else lora_alpha,  # PEFT's default
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        # False: PEFT draws B at random; True: B starts at zero and is drawn below.
+        init_lora_weights=b_std is not None,
+    )
+    peft_model = get_peft_model(model, config)
+    if b_std is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, b_std, generator=generator)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answer(engine, prompt_ids, settings, *, use_adapter: bool = True):
+    """The whole reply of `engine` to `prompt_ids` (the served adapter, or the base)."""
+    return engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
