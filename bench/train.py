@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace):
     from supportlm.modeling import load_tokenizer
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.data import prepare_dataset
+    from supportlm.train.dataset import prepare_dataset
 
     tokenizer = load_tokenizer(args.model)
     prepared = prepare_dataset(
@@ -246,7 +246,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 def run_ours(args: argparse.Namespace, quantization: str | None = None) -> dict[str, Any]:
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
     from supportlm.train.config import parse_config
-    from supportlm.train.trainer import tokenize_examples, train
+    from supportlm.train.run import train
+    from supportlm.train.trainer import tokenize_examples
 
     tokenizer, _, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)

@@ -16,7 +16,7 @@ from pathlib import Path
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.train.config import parse_config
-from supportlm.train.trainer import train
+from supportlm.train.run import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

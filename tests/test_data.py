@@ -15,20 +15,20 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from supportlm.errors import SupportLMError
-from supportlm.prompts import CHATML_TEMPLATE, IGNORE_INDEX, tokenize_conversation
-from supportlm.train.data import (
-    DEFAULT_DATASET,
-    REPO_ROOT,
-    SHAPES,
-    Example,
+from supportlm.prompts import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    tokenize_conversation,
+    with_system_prompt,
+)
+from supportlm.train.data import DEFAULT_DATASET, REPO_ROOT, SHAPES, Example, load_examples
+from supportlm.train.dataset import (
     assign_split,
     clean_examples,
-    load_examples,
     normalize_text,
     prepare_dataset,
     sample_examples,
     split_examples,
-    with_system_prompt,
 )
 
 BITEXT_CSV = Path("/work/shared/data/bitext-customer-support/train.csv")
@@ -515,3 +515,10 @@ def test_real_bitext_csv_loads_every_row_with_intents():
     cleaned, _ = clean_examples(examples)
     assert len(cleaned) == 3828
     assert all("\r" not in m["content"] for e in cleaned for m in e.messages)
+
+
+def test_the_bundled_dataset_is_found_from_any_working_directory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert (REPO_ROOT / DEFAULT_DATASET).is_file()
+    examples, _ = load_examples(DEFAULT_DATASET)
+    assert len(examples) > 100

@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from supportlm.prompts import save_prompt_style
-from supportlm.train.data import load_examples, sample_examples, split_examples
+from supportlm.train.data import load_examples
+from supportlm.train.dataset import sample_examples, split_examples
 from supportlm.train.evaluation import METRICS, TRAINING_CONFIG_FILE
 
 EVALUATE = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"

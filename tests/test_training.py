@@ -13,7 +13,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from supportlm.embedded import EMBEDDED_UPSTREAM_ID
 from supportlm.errors import SupportLMError
@@ -28,12 +28,12 @@ from supportlm.run_folder import (
 )
 from supportlm.train.config import parse_config
 from supportlm.train.data import Example
+from supportlm.train.run import train
 from supportlm.train.trainer import (
     CpuDropout,
     SupportLMTrainer,
     supervised_lm_loss,
     tokenize_examples,
-    train,
     use_cpu_dropout,
 )
 
@@ -167,6 +167,27 @@ def test_cpu_dropout_drops_each_element_with_probability_p() -> None:
     torch.manual_seed(0)
     assert torch.equal(dropout(x), y)  # seeded like nn.Dropout
     assert torch.equal(dropout.eval()(x), x)
+
+
+@pytest.mark.parametrize("cpu_dropout", ["true", "false"])
+def test_the_cpu_dropout_setting_decides_the_dropout_module(tiny_model_dir, tmp_path, cpu_dropout):
+    config = parse_config(
+        tiny_args(tiny_model_dir, tmp_path, "--eval_strategy", "no", "--cpu_dropout", cpu_dropout)
+    )
+    trainer = SupportLMTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=config.training,
+        train_dataset=tokenize_examples(
+            [Example([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])],
+            AutoTokenizer.from_pretrained(tiny_model_dir),
+            system_prompt=None,
+        ),
+        peft_config=config.lora.to_peft_config(),
+    )
+    dropouts = [
+        m.lora_dropout["default"] for m in trainer.model.modules() if hasattr(m, "lora_dropout")
+    ]
+    assert dropouts and all(isinstance(d, CpuDropout) == (cpu_dropout == "true") for d in dropouts)
 
 
 def test_trainer_uses_cpu_dropout_for_lora_layers(tiny_model_dir: str) -> None:

@@ -1,4 +1,4 @@
-"""Training data: load, clean, de-duplicate, split and report.
+"""Training data: read records of any of four shapes from a file or the Hub into `Example`s.
 
 A dataset is a JSON Lines, CSV or JSON list file, or a Hugging Face dataset id. Its records may
 have any of four shapes (`SHAPES`), detected once per dataset from its first valid record:
@@ -9,60 +9,30 @@ have any of four shapes (`SHAPES`), detected once per dataset from its first val
 - alpaca: ``{"instruction": ..., "input": ..., "output": ...}``;
 - sharegpt: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``.
 
-Every record becomes an `Example` (chat messages plus ``intent``/``category``/``task`` metadata),
-is cleaned (`normalize_text`), de-duplicated, measured with the exact tokenisation used for
-training (`supportlm.prompts.tokenize_conversation`), and assigned to train/validation/test by a
-hash of its first user message, so a question never appears in two splits. `prepare_dataset` does
-all of it and returns a `DataReport` to print before training and save next to the adapter.
+Every record becomes an `Example` (chat messages plus ``intent``/``category``/``task`` metadata).
+Cleaning, length limits and splits are `supportlm.train.dataset`; the report is
+`supportlm.train.data_report`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import re
-import unicodedata
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
-
 from supportlm.errors import SupportLMError
-from supportlm.prompts import IGNORE_INDEX, tokenize_conversation, with_system_prompt
-
-__all__ = [
-    "DEFAULT_DATASET",
-    "SHAPES",
-    "SPLITS",
-    "CleanStats",
-    "DataReport",
-    "Example",
-    "LoadStats",
-    "MalformedRecord",
-    "PreparedDataset",
-    "assign_split",
-    "clean_examples",
-    "load_examples",
-    "normalize_text",
-    "prepare_dataset",
-    "sample_examples",
-    "split_examples",
-    "with_system_prompt",
-]
 
 logger = logging.getLogger(__name__)
 
 #: The bundled dataset; a relative path is looked up in the working directory, then in the repo.
 DEFAULT_DATASET = "data/customer_support.jsonl"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/supportlm/train/data.py
 
 SHAPES: dict[str, str] = {
     "chat": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
@@ -80,24 +50,10 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
 }
-#: Why examples are dropped, in pipeline order, as the data report words it.
-DROP_REASONS = {
-    "malformed": "malformed records skipped",
-    "empty": "an empty message",
-    "duplicate": "duplicate after normalisation",
-    "not_sampled": "not sampled (max_examples)",
-    "too_long": "longer than {max_seq_length} tokens",
-}
 #: How many malformed records the report quotes; the rest are only counted.
 MAX_REPORTED_MALFORMED = 5
-#: Below this many examples tokenising takes about a second, not worth a progress bar.
-PROGRESS_BAR_MIN_EXAMPLES = 2000
 
 Message = dict[str, str]
-
-_HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
-_INDENT = re.compile(r"[^\S\n]*")
-_EXTRA_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 @dataclass
@@ -107,6 +63,9 @@ class Example:
     messages: list[Message]
     #: ``intent``, ``category`` and ``task`` when the record has them, and ``source_line``.
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ``input_ids`` and answer-only ``labels`` with the system prompt they were built with, once
+    #: `supportlm.train.dataset` has measured the example: training reuses them.
+    encoded: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def first_user_message(self) -> str:
@@ -140,24 +99,8 @@ class LoadStats:
         return self.num_records - self.num_malformed
 
 
-@dataclass
-class CleanStats:
-    num_input: int = 0
-    empty_dropped: int = 0
-    duplicates_dropped: int = 0
-    too_long_dropped: int = 0
-    #: Token counts of the kept examples, when a tokenizer was given.
-    num_tokens: list[int] = field(default_factory=list)
-    num_supervised_tokens: list[int] = field(default_factory=list)
-
-
 class _Malformed(ValueError):
     """A record that cannot become an `Example`; the message is the reason."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
 
 
 def load_examples(
@@ -436,345 +379,3 @@ def _check_roles(messages: list[Message]) -> None:
             )
     if len(messages) - offset < 2 or messages[-1]["role"] != "assistant":
         raise _Malformed("the conversation must end with an assistant answer")
-
-
-# ---------------------------------------------------------------------------------------------
-# Cleaning
-# ---------------------------------------------------------------------------------------------
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFC, one kind of line ending, single spaces, at most one blank line in a row.
-
-    Line breaks and paragraph breaks are kept (answers contain numbered lists), and so is the
-    indentation at the start of a line (nested list items), with tabs expanded to four spaces.
-    """
-    lines = []
-    for line in unicodedata.normalize("NFC", text).splitlines():
-        indent = _INDENT.match(line).group()
-        body = _HORIZONTAL_SPACE.sub(" ", line[len(indent) :]).rstrip()
-        lines.append(" " * len(indent.expandtabs(4)) + body if body else "")
-    return _EXTRA_BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
-
-
-def clean_examples(
-    examples: Iterable[Example],
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    system_prompt: str | None = None,
-    max_seq_length: int | None = None,
-) -> tuple[list[Example], CleanStats]:
-    """Normalise every message, then drop empty, duplicate and (optionally) too-long examples.
-
-    Duplicates are whole conversations that are equal after normalisation; the first is kept.
-    With a `tokenizer`, each example is tokenised exactly as training will, with `system_prompt`
-    prepended, its token counts are recorded, and it is dropped when longer than
-    `max_seq_length` tokens.
-    """
-    if max_seq_length is not None and tokenizer is None:
-        raise ValueError("max_seq_length needs a tokenizer to count tokens with.")
-    stats = CleanStats()
-    seen: set[tuple[tuple[str, str], ...]] = set()
-    kept: list[Example] = []
-    for example in examples:
-        stats.num_input += 1
-        messages = [
-            {"role": m["role"], "content": normalize_text(m["content"])} for m in example.messages
-        ]
-        if not all(m["content"] for m in messages):
-            stats.empty_dropped += 1
-            continue
-        key = tuple((m["role"], m["content"]) for m in messages)
-        if key in seen:
-            stats.duplicates_dropped += 1
-            continue
-        seen.add(key)
-        kept.append(Example(messages=messages, meta=dict(example.meta)))
-    if tokenizer is not None:
-        kept = _drop_too_long(kept, stats, tokenizer, system_prompt, max_seq_length)
-    if not kept:
-        raise SupportLMError(
-            f"No examples left after cleaning: of {stats.num_input}, {stats.empty_dropped} had "
-            f"an empty message, {stats.duplicates_dropped} were duplicates and "
-            f"{stats.too_long_dropped} were longer than {max_seq_length} tokens."
-        )
-    return kept, stats
-
-
-def _drop_too_long(
-    examples: list[Example],
-    stats: CleanStats,
-    tokenizer: PreTrainedTokenizerBase,
-    system_prompt: str | None,
-    max_seq_length: int | None,
-) -> list[Example]:
-    kept = []
-    progress = tqdm(
-        examples,
-        desc="Tokenising",
-        unit="example",
-        disable=len(examples) < PROGRESS_BAR_MIN_EXAMPLES,
-    )
-    for example in progress:
-        labels = tokenize_conversation(
-            tokenizer, with_system_prompt(example.messages, system_prompt)
-        )["labels"]
-        if max_seq_length is not None and len(labels) > max_seq_length:
-            stats.too_long_dropped += 1
-            continue
-        stats.num_tokens.append(len(labels))
-        stats.num_supervised_tokens.append(sum(label != IGNORE_INDEX for label in labels))
-        kept.append(example)
-    return kept
-
-
-def sample_examples(examples: list[Example], max_examples: int) -> list[Example]:
-    """A deterministic sample of `max_examples` examples, in their original order.
-
-    Keeps the examples with the smallest content hash rather than the first ones, because files
-    are often sorted (the Bitext CSV by intent) and the first few hundred would be one intent.
-    """
-    if max_examples < 1:
-        raise SupportLMError(f"max_examples must be at least 1, got {max_examples}.")
-    if len(examples) <= max_examples:
-        return list(examples)
-    chosen = sorted(range(len(examples)), key=lambda i: _sha256(json.dumps(examples[i].messages)))[
-        :max_examples
-    ]
-    return [examples[i] for i in sorted(chosen)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting
-# ---------------------------------------------------------------------------------------------
-
-
-def assign_split(
-    example: Example, *, validation_ratio: float = 0.1, test_ratio: float = 0.1
-) -> str:
-    """ "train", "validation" or "test", from a hash of the example's first user message.
-
-    The question is normalised and case-folded first, so the same question (also with another
-    answer, or as the start of a longer conversation) always lands in the same split, whatever
-    the other examples are and in whatever order they come.
-    """
-    question = normalize_text(example.first_user_message).casefold()
-    fraction = int(_sha256(question)[:16], 16) / 16**16
-    if fraction < test_ratio:
-        return "test"
-    if fraction < test_ratio + validation_ratio:
-        return "validation"
-    return "train"
-
-
-def split_examples(
-    examples: Iterable[Example], *, validation_ratio: float = 0.1, test_ratio: float = 0.1
-) -> dict[str, list[Example]]:
-    """Group examples by `assign_split`; the dict has every key of `SPLITS`, in that order."""
-    _check_ratios(validation_ratio, test_ratio)
-    splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
-    for example in examples:
-        splits[
-            assign_split(example, validation_ratio=validation_ratio, test_ratio=test_ratio)
-        ].append(example)
-    return splits
-
-
-def _check_ratios(validation_ratio: float, test_ratio: float) -> None:
-    if not (
-        0 <= validation_ratio < 1 and 0 <= test_ratio < 1 and validation_ratio + test_ratio < 1
-    ):
-        raise SupportLMError(
-            f"validation_ratio ({validation_ratio}) and test_ratio ({test_ratio}) must each be "
-            "between 0 and 1 and leave some examples for training."
-        )
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Report and the whole pipeline
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataReport:
-    """What became of a dataset on its way to training; printed before training starts."""
-
-    source: str
-    shape: str
-    max_seq_length: int | None
-    num_records: int
-    #: Examples dropped by each step, in pipeline order (see `DROP_REASONS`).
-    dropped: dict[str, int]
-    num_examples: int
-    splits: dict[str, int]
-    malformed_examples: list[str]
-    by_intent: dict[str, int]
-    by_category: dict[str, int]
-    by_task: dict[str, int]
-    #: ``{"total"|"supervised": {"p50", "p90", "p95", "p99", "max"}}``; empty without a tokenizer.
-    token_lengths: dict[str, dict[str, int]]
-    multi_turn: int
-
-    @classmethod
-    def build(
-        cls,
-        load_stats: LoadStats,
-        clean_stats: CleanStats,
-        splits: dict[str, list[Example]],
-        *,
-        max_seq_length: int | None = None,
-        not_sampled: int = 0,
-    ) -> DataReport:
-        examples = [example for split in splits.values() for example in split]
-        dropped = {
-            "malformed": load_stats.num_malformed,
-            "empty": clean_stats.empty_dropped,
-            "duplicate": clean_stats.duplicates_dropped,
-            "not_sampled": not_sampled,
-            "too_long": clean_stats.too_long_dropped,
-        }
-        token_lengths = {}
-        if clean_stats.num_tokens:
-            for kind, lengths in (
-                ("total", clean_stats.num_tokens),
-                ("supervised", clean_stats.num_supervised_tokens),
-            ):
-                # inverted_cdf: every percentile is a length that really occurs in the data.
-                percentiles = np.percentile(lengths, [50, 90, 95, 99], method="inverted_cdf")
-                token_lengths[kind] = {
-                    **{f"p{q}": int(v) for q, v in zip((50, 90, 95, 99), percentiles, strict=True)},
-                    "max": int(max(lengths)),
-                }
-        return cls(
-            source=load_stats.source,
-            shape=load_stats.shape,
-            max_seq_length=max_seq_length,
-            num_records=load_stats.num_records,
-            dropped=dropped,
-            num_examples=len(examples),
-            splits={name: len(split) for name, split in splits.items()},
-            malformed_examples=[str(record) for record in load_stats.malformed],
-            by_intent=_count_meta(examples, "intent"),
-            by_category=_count_meta(examples, "category"),
-            by_task=_count_meta(examples, "task"),
-            token_lengths=token_lengths,
-            multi_turn=sum(example.is_multi_turn for example in examples),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# Data report: {self.source}",
-            "",
-            f"Shape: {self.shape}. Multi-turn conversations: {self.multi_turn}.",
-            "",
-            "| step | dropped | examples left |",
-            "|---|---:|---:|",
-            f"| records read | | {self.num_records} |",
-        ]
-        remaining = self.num_records
-        for reason, count in self.dropped.items():
-            remaining -= count
-            if reason != "not_sampled" or count:
-                label = DROP_REASONS[reason].format(max_seq_length=self.max_seq_length)
-                lines.append(f"| {label} | {count} | {remaining} |")
-        lines += [f"| {name} split | | {count} |" for name, count in self.splits.items()]
-        if self.malformed_examples:
-            lines += ["", "First malformed records:", ""]
-            lines += [f"- {record}" for record in self.malformed_examples]
-        if self.token_lengths:
-            limit = f" (max_seq_length {self.max_seq_length})" if self.max_seq_length else ""
-            lines += [
-                "",
-                f"Tokens per example{limit}:",
-                "",
-                "| tokens | p50 | p90 | p95 | p99 | max |",
-                "|---|---:|---:|---:|---:|---:|",
-                *(
-                    f"| {kind} | " + " | ".join(str(v) for v in values.values()) + " |"
-                    for kind, values in self.token_lengths.items()
-                ),
-            ]
-        for title, counts in (
-            ("task", self.by_task),
-            ("category", self.by_category),
-            ("intent", self.by_intent),
-        ):
-            if counts:
-                lines += ["", f"| {title} | examples |", "|---|---:|"]
-                lines += [f"| {value} | {count} |" for value, count in counts.items()]
-        return "\n".join(lines) + "\n"
-
-    def save(self, directory: str | Path) -> None:
-        """Write ``data_report.json`` and ``data_report.md`` into `directory`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "data_report.json").write_text(
-            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        (directory / "data_report.md").write_text(self.to_markdown(), encoding="utf-8")
-
-
-def _count_meta(examples: list[Example], key: str) -> dict[str, int]:
-    return dict(Counter(e.meta[key] for e in examples if key in e.meta).most_common())
-
-
-@dataclass
-class PreparedDataset:
-    splits: dict[str, list[Example]]
-    report: DataReport
-
-
-def prepare_dataset(
-    source: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    system_prompt: str | None,
-    max_seq_length: int,
-    validation_ratio: float = 0.1,
-    test_ratio: float = 0.1,
-    strict: bool = False,
-    max_examples: int | None = None,
-) -> PreparedDataset:
-    """Load, clean, (optionally) sample and split `source`, and describe it in a `DataReport`.
-
-    `max_examples` keeps a deterministic sample (`sample_examples`) before tokenising, for quick
-    runs; it is taken after de-duplication so it really holds that many distinct examples.
-    """
-    _check_ratios(validation_ratio, test_ratio)
-    examples, load_stats = load_examples(source, strict=strict)
-    not_sampled = 0
-    if max_examples is None:
-        examples, clean_stats = clean_examples(
-            examples,
-            tokenizer=tokenizer,
-            system_prompt=system_prompt,
-            max_seq_length=max_seq_length,
-        )
-    else:
-        examples, clean_stats = clean_examples(examples)
-        sample = sample_examples(examples, max_examples)
-        not_sampled = len(examples) - len(sample)
-        examples, length_stats = clean_examples(
-            sample, tokenizer=tokenizer, system_prompt=system_prompt, max_seq_length=max_seq_length
-        )
-        clean_stats.too_long_dropped = length_stats.too_long_dropped
-        clean_stats.num_tokens = length_stats.num_tokens
-        clean_stats.num_supervised_tokens = length_stats.num_supervised_tokens
-    splits = split_examples(examples, validation_ratio=validation_ratio, test_ratio=test_ratio)
-    report = DataReport.build(
-        load_stats, clean_stats, splits, max_seq_length=max_seq_length, not_sampled=not_sampled
-    )
-    logger.info(
-        "%s: %d examples (%s)",
-        report.source,
-        len(examples),
-        ", ".join(f"{name} {count}" for name, count in report.splits.items()),
-    )
-    return PreparedDataset(splits=splits, report=report)

@@ -33,7 +33,8 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, adapter_base_model, load_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_prompt
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
-from supportlm.train.data import DEFAULT_DATASET, Example, prepare_dataset, sample_examples
+from supportlm.train.data import DEFAULT_DATASET, Example
+from supportlm.train.dataset import prepare_dataset, sample_examples
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
 
 logger = logging.getLogger(__name__)
