@@ -16,7 +16,9 @@ from transformers import HfArgumentParser
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
-from supportlm.train.evaluation import EvaluationArguments, evaluate, write_report
+from supportlm.train.eval_report import write_report
+from supportlm.train.evaluation import evaluate
+from supportlm.train.evaluation_args import EvaluationArguments
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,14 +7,9 @@ import pytest
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
 from supportlm.modeling import load_tokenizer
-from supportlm.serve.tasks import (
-    count_tokens,
-    protect_spans,
-    restore_spans,
-    split_by_tokens,
-    summarize,
-    translate,
-)
+from supportlm.serve.tasks.common import count_tokens, split_by_tokens
+from supportlm.serve.tasks.summarize import summarize
+from supportlm.serve.tasks.translate import protect_spans, restore_spans, translate
 
 
 @pytest.fixture(scope="module")

@@ -173,10 +173,10 @@ class Assistant:
         progress: Callable[..., Any] | None = None,
         client_id: str | None = None,
     ) -> Iterator[StreamEvent]:
-        from supportlm.serve import tasks
+        from supportlm.serve.tasks.summarize import summarize
 
         stop_event = threading.Event()
-        events = tasks.summarize(
+        events = summarize(
             self.engine,
             text,
             style,
@@ -197,10 +197,10 @@ class Assistant:
         progress: Callable[..., Any] | None = None,
         client_id: str | None = None,
     ) -> Iterator[StreamEvent]:
-        from supportlm.serve import tasks
+        from supportlm.serve.tasks.translate import translate
 
         stop_event = threading.Event()
-        events = tasks.translate(
+        events = translate(
             self.engine,
             text,
             target_language,
@@ -212,9 +212,9 @@ class Assistant:
         yield from self._admitted(events, client_id, stop_event)
 
     def count_tokens(self, text: str) -> int:
-        from supportlm.serve import tasks
+        from supportlm.serve.tasks.common import count_tokens
 
-        return tasks.count_tokens(self.tokenizer, text)
+        return count_tokens(self.tokenizer, text)
 
     # -- replies and feedback -------------------------------------------------------------------
 

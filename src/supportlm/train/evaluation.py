@@ -16,11 +16,10 @@ never saw it), its test split when it is (the rest was trained on). ``--split`` 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,11 @@ from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_pr
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
 from supportlm.train.data import DEFAULT_DATASET, Example
 from supportlm.train.dataset import prepare_dataset, sample_examples
+from supportlm.train.evaluation_args import EvaluationArguments
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
 
 logger = logging.getLogger(__name__)
 
-SPLIT_CHOICES = ("auto", "test", "all")
 #: Metrics in report order, with whether a higher value is better.
 METRICS: dict[str, bool] = {
     "rougeL": True,
@@ -50,94 +49,6 @@ METRICS: dict[str, bool] = {
     "latency_p95_s": False,
 }
 VARIANTS = ("base", "tuned")
-
-
-@dataclass
-class EvaluationArguments:
-    """What `finetune/evaluate.py` compares, on which data, and where the report goes."""
-
-    adapter: str | None = field(
-        default=None,
-        metadata={
-            "help": "LoRA adapter folder written by finetune/train.py. Without it only the base "
-            "model is evaluated (tuned = null), e.g. to measure the starting point."
-        },
-    )
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Base model; default: the one the adapter was trained on, else 'embedded'."
-        },
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation data (.jsonl/.csv/.json or Hub id); default: the adapter's "
-            "training data, of which the test split is used."
-        },
-    )
-    split: str = field(
-        default="auto",
-        metadata={
-            "help": "test: the held-out split; all: every example; auto: test for the adapter's "
-            "own training data, all for any other dataset.",
-            "choices": list(SPLIT_CHOICES),
-        },
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluate this many examples: a deterministic sample (smallest content "
-            "hash), so a larger limit extends a smaller one and the tasks stay mixed."
-        },
-    )
-    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens per answer."})
-    repetition_penalty: float = field(
-        default=GenerationSettings.repetition_penalty,
-        metadata={"help": "Repetition penalty of the greedy decoding (the app's default)."},
-    )
-    batch_size: int = field(
-        default=4, metadata={"help": "Conversations per forward pass when scoring perplexity."}
-    )
-    num_shown: int = field(
-        default=5, metadata={"help": "How many answers the report quotes side by side."}
-    )
-    output: str | None = field(
-        default=None,
-        metadata={
-            "help": "Report JSON; FILE.md and FILE.png are written next to it. Default: "
-            "<adapter>/eval.json, or outputs/eval-base.json without an adapter."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLIT_CHOICES:
-            raise SupportLMError(
-                f"Unknown split {self.split!r}; choose one of {', '.join(SPLIT_CHOICES)}."
-            )
-        if self.limit is not None and self.limit < 1:
-            raise SupportLMError(f"limit must be at least 1, got {self.limit}.")
-        if self.batch_size < 1:
-            raise SupportLMError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.output is not None and not self.output.endswith(".json"):
-            raise SupportLMError(f"output must be a .json file, got {self.output}.")
-        # Raises on invalid values before any model is loaded.
-        self.generation_settings()
-
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            max_new_tokens=self.max_new_tokens,
-            temperature=0.0,
-            repetition_penalty=self.repetition_penalty,
-        )
-
-    @property
-    def output_path(self) -> Path:
-        if self.output is not None:
-            return Path(self.output)
-        if self.adapter is not None and Path(self.adapter).is_dir():
-            return Path(self.adapter) / "eval.json"
-        return Path("outputs") / "eval-base.json"
 
 
 @dataclass
@@ -311,30 +222,9 @@ def compare(
             answers[variant], references, nll[variant], latencies[variant], new_tokens[variant]
         )
 
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for index, example in enumerate(examples):
-        if "task" in example.meta:
-            by_task[example.meta["task"]].append(index)
-    result["by_task"] = {
-        task: {
-            "n_examples": len(indices),
-            **{
-                variant: (
-                    _scores(
-                        [answers[variant][i] for i in indices],
-                        [references[i] for i in indices],
-                        [nll[variant][i] for i in indices],
-                        [latencies[variant][i] for i in indices],
-                        [new_tokens[variant][i] for i in indices],
-                    )
-                    if variant in variants
-                    else None
-                )
-                for variant in VARIANTS
-            },
-        }
-        for task, indices in sorted(by_task.items())
-    }
+    result["by_task"] = _by_task(
+        examples, variants, answers, references, nll, latencies, new_tokens
+    )
     result["examples"] = [
         {
             "task": examples[i].meta.get("task"),
@@ -350,6 +240,30 @@ def compare(
         for i in range(min(num_shown, len(examples)))
     ]
     return result
+
+
+def _by_task(examples, variants, answers, references, nll, latencies, new_tokens) -> dict:
+    """The same scores per ``task`` (chat, summarise, translate) where examples name one."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for index, example in enumerate(examples):
+        if "task" in example.meta:
+            by_task[example.meta["task"]].append(index)
+
+    def scores(variant: str, indices: list[int]) -> dict[str, float] | None:
+        if variant not in variants:
+            return None
+        return _scores(
+            [answers[variant][i] for i in indices],
+            [references[i] for i in indices],
+            [nll[variant][i] for i in indices],
+            [latencies[variant][i] for i in indices],
+            [new_tokens[variant][i] for i in indices],
+        )
+
+    return {
+        task: {"n_examples": len(indices), **{v: scores(v, indices) for v in VARIANTS}}
+        for task, indices in sorted(by_task.items())
+    }
 
 
 def evaluate(args: EvaluationArguments) -> dict[str, Any]:
@@ -411,112 +325,3 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
         "by_task": result["by_task"],
         "examples": result["examples"],
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------
-
-
-def _format(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def _change(metric: str, base: float, tuned: float) -> str:
-    better = (tuned > base) == METRICS[metric] if tuned != base and metric in METRICS else None
-    mark = "" if better is None else (" ✓" if better else " ✗")
-    return f"{tuned - base:+.3g}{mark}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: settings, a metric table, per-task tables and sample answers."""
-    base, tuned = report["base"], report["tuned"]
-    split = "test split" if report["split"] == "test" else "all examples"
-    lines = [
-        "# Evaluation: base vs fine-tuned" if tuned else "# Evaluation: base model",
-        "",
-        f"- Model: {report['model_description']}",
-        f"- Adapter: {report['adapter'] or 'none'}",
-        f"- Data: {report['dataset']}, {split}: {report['split_reason']}",
-        f"- Examples: {report['n_examples']} of {report['n_available']}",
-        f"- Decoding: greedy, max_new_tokens {report['generation']['max_new_tokens']}, "
-        f"repetition_penalty {report['generation']['repetition_penalty']}",
-        "",
-        "ROUGE-L, chrF and BLEU: 0-100, higher is better. Perplexity on the reference answers and "
-        "latency: lower is better. new_tokens_mean: answer length, for reading the latencies.",
-        "",
-    ]
-    lines += _metric_table(base, tuned)
-    for task, scores in report["by_task"].items():
-        count = scores["n_examples"]
-        lines += ["", f"## Task: {task} ({count} example{'s' if count != 1 else ''})", ""]
-        lines += _metric_table(scores["base"], scores["tuned"])
-    lines += ["", "## Sample answers", ""]
-    for number, example in enumerate(report["examples"], start=1):
-        task = f" ({example['task']})" if example.get("task") else ""
-        lines += [f"### {number}{task}", "", "**Question**", "", _quote(example["question"])]
-        lines += ["", "**Reference**", "", _quote(example["reference"])]
-        lines += ["", "**Base**", "", _quote(example["base"])]
-        if example.get("tuned") is not None:
-            lines += ["", "**Tuned**", "", _quote(example["tuned"])]
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _metric_table(base: dict[str, float], tuned: dict[str, float] | None) -> list[str]:
-    # Answer length is context for the latencies, neither better nor worse.
-    metrics = [*METRICS, "new_tokens_mean"]
-    if tuned is None:
-        rows = ["| metric | base |", "|---|---:|"]
-        return rows + [f"| {metric} | {_format(base[metric])} |" for metric in metrics]
-    rows = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
-    return rows + [
-        f"| {metric} | {_format(base[metric])} | {_format(tuned[metric])} | "
-        f"{_change(metric, base[metric], tuned[metric])} |"
-        for metric in metrics
-    ]
-
-
-def _quote(text: str) -> str:
-    return "\n".join(f"> {line}" if line else ">" for line in (text or "(empty)").splitlines())
-
-
-def plot_report(report: dict[str, Any], path: str | Path) -> None:
-    """A bar chart of every metric, base vs tuned side by side, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: write the file only
-    import matplotlib.pyplot as plt
-
-    variants = [variant for variant in VARIANTS if report[variant] is not None]
-    colors = {"base": "#9e9e9e", "tuned": "#1f77b4"}
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(2.4 * len(METRICS), 3.2))
-    for axis, (metric, higher_is_better) in zip(axes, METRICS.items(), strict=True):
-        values = [report[variant][metric] for variant in variants]
-        bars = axis.bar(variants, values, color=[colors[v] for v in variants])
-        axis.bar_label(bars, labels=[_format(v) for v in values], fontsize=8)
-        axis.set_title(f"{metric}\n({'higher' if higher_is_better else 'lower'} is better)")
-        # Every metric is >= 0; headroom above the tallest bar for its label.
-        axis.set_ylim(0, max(values) * 1.2 or 1.0)
-        axis.tick_params(axis="y", labelsize=8)
-    figure.suptitle(f"{report['model']} · {report['n_examples']} examples ({report['split']})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def write_report(report: dict[str, Any], output: str | Path) -> dict[str, Path]:
-    """Write FILE.json, FILE.md and FILE.png; returns the three paths."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": output,
-        "markdown": output.with_suffix(".md"),
-        "plot": output.with_suffix(".png"),
-    }
-    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
-    plot_report(report, paths["plot"])
-    return paths
