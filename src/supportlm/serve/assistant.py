@@ -164,6 +164,13 @@ class Assistant:
         for tuned in self.chat(chat, settings, use_adapter=True, client_id=client_id):
             yield base, tuned
 
+    def _task(
+        self, start: Callable[[threading.Event], Iterator[StreamEvent]], client_id: str | None
+    ) -> Iterator[StreamEvent]:
+        """A multi-call task (summary, translation) in one slot; its stop event ends every call."""
+        stop_event = threading.Event()
+        yield from self._admitted(start(stop_event), client_id, stop_event)
+
     def summarize(
         self,
         text: str,
@@ -175,17 +182,18 @@ class Assistant:
     ) -> Iterator[StreamEvent]:
         from supportlm.serve.tasks.summarize import summarize
 
-        stop_event = threading.Event()
-        events = summarize(
-            self.engine,
-            text,
-            style,
-            settings,
-            system_prompt=self.system_prompt,
-            progress=progress,
-            stop_event=stop_event,
-        )
-        yield from self._admitted(events, client_id, stop_event)
+        def start(stop_event: threading.Event) -> Iterator[StreamEvent]:
+            return summarize(
+                self.engine,
+                text,
+                style,
+                settings,
+                system_prompt=self.system_prompt,
+                progress=progress,
+                stop_event=stop_event,
+            )
+
+        return self._task(start, client_id)
 
     def translate(
         self,
@@ -199,17 +207,18 @@ class Assistant:
     ) -> Iterator[StreamEvent]:
         from supportlm.serve.tasks.translate import translate
 
-        stop_event = threading.Event()
-        events = translate(
-            self.engine,
-            text,
-            target_language,
-            settings,
-            source_language=source_language,
-            progress=progress,
-            stop_event=stop_event,
-        )
-        yield from self._admitted(events, client_id, stop_event)
+        def start(stop_event: threading.Event) -> Iterator[StreamEvent]:
+            return translate(
+                self.engine,
+                text,
+                target_language,
+                settings,
+                source_language=source_language,
+                progress=progress,
+                stop_event=stop_event,
+            )
+
+        return self._task(start, client_id)
 
     def count_tokens(self, text: str) -> int:
         from supportlm.serve.tasks.common import count_tokens

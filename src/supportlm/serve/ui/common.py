@@ -81,6 +81,22 @@ def caption(event: StreamEvent, notices: str = "") -> str:
     return f"{notices}<small>{event.caption()}</small>"
 
 
+def check_text(text: str, what: str) -> None:
+    if not text or not text.strip():
+        raise gr.Error(f"Please paste or upload the text to {what}.")
+
+
+def capped_task_events(
+    assistant: Any, text: str, what: str, start: Callable[[str], Iterator[StreamEvent]]
+) -> Iterator[tuple[str, str]]:
+    """(output so far, caption) of a summarise or translate task on `text`, capped first."""
+    check_text(text, what)
+    text, notice = assistant.cap(text)
+    notices = notify([notice] if notice else [])
+    for event in start(text):
+        yield event.text, caption(event, notices)
+
+
 def client_id(request: gr.Request | None) -> str | None:
     """Who is asking, for per-client rate limits: the client's address."""
     if request is None or request.client is None:

@@ -8,15 +8,14 @@ from typing import Any
 
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings
+from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.prompts import SUMMARY_STYLES
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
-    caption,
+    capped_task_events,
     client_id,
     gpu,
     max_new_tokens_slider,
-    notify,
     user_facing,
 )
 
@@ -36,11 +35,6 @@ EXAMPLE_TICKET = (
 )
 
 
-def check_text(text: str, what: str) -> None:
-    if not text or not text.strip():
-        raise gr.Error(f"Please paste or upload the text to {what}.")
-
-
 def summary_events(
     assistant: Assistant,
     text: str,
@@ -50,12 +44,11 @@ def summary_events(
     client: str | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(summary so far, caption); the input is capped first, with a notice."""
-    check_text(text, "summarise")
-    text, notice = assistant.cap(text)
-    notices = notify([notice] if notice else [])
-    events = assistant.summarize(text, style, settings, progress=progress, client_id=client)
-    for event in events:
-        yield event.text, caption(event, notices)
+
+    def start(capped: str) -> Iterator[StreamEvent]:
+        return assistant.summarize(capped, style, settings, progress=progress, client_id=client)
+
+    return capped_task_events(assistant, text, "summarise", start)
 
 
 def summarise_tab(assistant: Assistant, max_reply: int) -> None:

@@ -7,18 +7,16 @@ from typing import Any
 
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings
+from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.prompts import LANGUAGES
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
-    caption,
+    capped_task_events,
     client_id,
     gpu,
     max_new_tokens_slider,
-    notify,
     user_facing,
 )
-from supportlm.serve.ui.summarise import check_text
 
 EXAMPLES = [
     ["Your order {{Order Number}} has shipped and will arrive in 3 days.", "auto", "Spanish"],
@@ -36,14 +34,13 @@ def translation_events(
     client: str | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(translation so far, caption); the input is capped first, with a notice."""
-    check_text(text, "translate")
-    text, notice = assistant.cap(text)
-    notices = notify([notice] if notice else [])
-    events = assistant.translate(
-        text, target, settings, source_language=source, progress=progress, client_id=client
-    )
-    for event in events:
-        yield event.text, caption(event, notices)
+
+    def start(capped: str) -> Iterator[StreamEvent]:
+        return assistant.translate(
+            capped, target, settings, source_language=source, progress=progress, client_id=client
+        )
+
+    return capped_task_events(assistant, text, "translate", start)
 
 
 def translate_tab(assistant: Assistant, max_reply: int) -> None:
