@@ -68,3 +68,9 @@ def test_only_the_ui_package_imports_gradio() -> None:
         if any(name.split(".")[0] == "gradio" for name in top_level_imports(path))
     }
     assert importers and all(name.startswith("supportlm.serve.ui") for name in importers)
+
+
+def test_the_architecture_map_lists_every_module(repo_root: Path) -> None:
+    text = (repo_root / "docs" / "ARCHITECTURE.md").read_text()
+    names = {module_name(path).removeprefix("supportlm.") for path in MODULES}
+    assert sorted(name for name in names if f"| `{name}` |" not in text) == []
