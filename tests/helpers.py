@@ -1,4 +1,4 @@
-"""Builders the tests share: a random LoRA adapter on a model folder, a free local port.
+"""Builders the tests share: a random LoRA adapter on a model folder, a whole reply.
 
 Fixtures that use them live in `conftest.py`; tests import these directly when they need a
 variant (another rank, targets or weight scale).
@@ -6,7 +6,6 @@ variant (another rank, targets or weight scale).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,12 +48,6 @@ def save_random_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(folder)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answer(engine, prompt_ids, settings, *, use_adapter: bool = True):

@@ -23,7 +23,6 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import StatusUpdate
-from helpers import free_port
 
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.engines.transformers import TransformersEngine
@@ -83,7 +82,7 @@ def app(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     failing = FailingEngine(engine)
     assistant = Assistant(failing, plan)
     demo = build_demo(assistant=assistant)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)  # Gradio picks a free port
     yield {
         "url": url,
         "plan": plan,
@@ -236,7 +235,7 @@ def test_real_model_smoke(tmp_path: Path) -> None:
         }
     ).resolve()
     demo = build_demo(plan)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)  # Gradio picks a free port
     try:
         client = Client(url, verbose=False)
         reply = client.predict("How do I cancel my order?", api_name="/chat", max_new_tokens=24)

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import free_port, save_random_adapter
+from helpers import save_random_adapter
 
 from supportlm.run_folder import RunFolder
 from supportlm.serve.settings import AppSettings
@@ -49,7 +49,7 @@ def app_url(tiny_chat_model_dir: str, adapter_dir: Path, tmp_path_factory):
         feedback_db=feedback_db,
     ).resolve()
     demo = build_demo(plan)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)  # Gradio picks a free port
     yield url, feedback_db
     demo.close()
 

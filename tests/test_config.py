@@ -80,7 +80,7 @@ def test_max_seq_length_is_the_only_length_flag() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--validation_ratio", "0.6", "--test_ratio", "0.5"], "leave examples"),
+        (["--validation_ratio", "0.6", "--test_ratio", "0.5"], "leave some examples"),
         (["--max_seq_length", "4"], "at least 16"),
         (["--lora_r", "0"], "lora_r"),
         (["--dataset", "missing.jsonl"], "does not exist"),

@@ -150,12 +150,16 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
+    """The one check behind every fixed-choice model setting (CLI, YAML, library calls)."""
+    if value not in choices:
+        raise SupportLMError(f"Unknown {setting} {value!r}; choose one of {', '.join(choices)}.")
+
+
 def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
     """The compute dtype and the reason for it."""
+    check_choice("dtype", dtype, DTYPE_CHOICES)
     if dtype != "auto":
-        if dtype not in DTYPE_CHOICES:
-            choices = ", ".join(DTYPE_CHOICES)
-            raise SupportLMError(f"Unknown dtype {dtype!r}; choose one of {choices}.")
         return getattr(torch, dtype), "as requested"
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
@@ -166,9 +170,7 @@ def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
 
 def resolve_quantization(quantization: str, device: str) -> tuple[str, str]:
     """The quantisation to use and the reason for it."""
-    if quantization not in QUANTIZATION_CHOICES:
-        choices = ", ".join(QUANTIZATION_CHOICES)
-        raise SupportLMError(f"Unknown quantization {quantization!r}; choose one of {choices}.")
+    check_choice("quantization", quantization, QUANTIZATION_CHOICES)
     if quantization != "auto":
         return quantization, "as requested"
     if device.startswith("cuda"):

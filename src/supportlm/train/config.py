@@ -24,14 +24,13 @@ from trl import SFTConfig, TrlParser
 
 from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.errors import SupportLMError
-from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, resolve_model
+from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, check_choice, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.run_folder import default_output_dir
-from supportlm.train.data import DEFAULT_DATASET, REPO_ROOT
+from supportlm.train.data import DEFAULT_DATASET, FILE_SUFFIXES, resolve_path
+from supportlm.train.dataset import check_ratios
 
 #: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
-
-_DATASET_SUFFIXES = (".jsonl", ".json", ".csv")
 
 
 @dataclass
@@ -72,15 +71,8 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.quantization not in QUANTIZATION_CHOICES:
-            raise SupportLMError(
-                f"Unknown quantization {self.quantization!r}; choose one of "
-                f"{', '.join(QUANTIZATION_CHOICES)}."
-            )
-        if self.dtype not in DTYPE_CHOICES:
-            raise SupportLMError(
-                f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}."
-            )
+        check_choice("quantization", self.quantization, QUANTIZATION_CHOICES)
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device):
             raise SupportLMError(f"Unknown device {self.device!r}; use auto, cpu or cuda[:N].")
         # Resolving reads no weights but rejects a missing folder or file right away.
@@ -131,21 +123,11 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.max_seq_length < 16:
             raise SupportLMError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
-        for name in ("validation_ratio", "test_ratio"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise SupportLMError(f"{name} must be in [0, 1), got {value}.")
-        if self.validation_ratio + self.test_ratio >= 1:
-            raise SupportLMError("validation_ratio + test_ratio must leave examples to train on.")
+        check_ratios(self.validation_ratio, self.test_ratio)
         if self.max_examples is not None and self.max_examples < 1:
             raise SupportLMError(f"max_examples must be at least 1, got {self.max_examples}.")
-        if self.dataset.endswith(_DATASET_SUFFIXES) and not _dataset_file_exists(self.dataset):
+        if self.dataset.endswith(FILE_SUFFIXES) and resolve_path(self.dataset) is None:
             raise SupportLMError(f"Dataset file {self.dataset} does not exist.")
-
-
-def _dataset_file_exists(dataset: str) -> bool:
-    path = Path(dataset).expanduser()
-    return path.is_file() or (not path.is_absolute() and (REPO_ROOT / path).is_file())
 
 
 @dataclass

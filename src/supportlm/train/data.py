@@ -113,7 +113,7 @@ def load_examples(
     or with `strict` raises `SupportLMError` naming its line.
     """
     name = str(source)
-    path = _resolve_path(name)
+    path = resolve_path(name)
     if path is None:
         if Path(name).suffix.lower() in FILE_SUFFIXES:
             raise SupportLMError(f"Data file not found: {name}.")
@@ -125,7 +125,7 @@ def load_examples(
     return _parse_records(records, name, strict)
 
 
-def _resolve_path(source: str) -> Path | None:
+def resolve_path(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.exists():
         return path

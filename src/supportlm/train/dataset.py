@@ -184,7 +184,7 @@ def split_examples(
     examples: Iterable[Example], *, validation_ratio: float = 0.1, test_ratio: float = 0.1
 ) -> dict[str, list[Example]]:
     """Group examples by `assign_split`; the dict has every key of `SPLITS`, in that order."""
-    _check_ratios(validation_ratio, test_ratio)
+    check_ratios(validation_ratio, test_ratio)
     splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
     for example in examples:
         splits[
@@ -193,7 +193,8 @@ def split_examples(
     return splits
 
 
-def _check_ratios(validation_ratio: float, test_ratio: float) -> None:
+def check_ratios(validation_ratio: float, test_ratio: float) -> None:
+    """The one rule for split ratios (config, library calls): each in [0, 1), some left to train."""
     if not (
         0 <= validation_ratio < 1 and 0 <= test_ratio < 1 and validation_ratio + test_ratio < 1
     ):
@@ -229,7 +230,7 @@ def prepare_dataset(
     `max_examples` keeps a deterministic sample (`sample_examples`) before tokenising, for quick
     runs; it is taken after de-duplication so it really holds that many distinct examples.
     """
-    _check_ratios(validation_ratio, test_ratio)
+    check_ratios(validation_ratio, test_ratio)
     examples, load_stats = load_examples(source, strict=strict)
     examples, clean_stats = clean_examples(examples)
     not_sampled = 0

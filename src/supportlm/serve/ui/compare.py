@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.chat import EXAMPLE_QUESTIONS
 from supportlm.serve.ui.common import (
     client_id,
+    generation_settings,
     gpu,
     max_new_tokens_slider,
     user_errors,
@@ -58,7 +58,7 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
 
     @gpu
     def compare_ui(text, max_new_tokens, request: gr.Request):
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+        settings = generation_settings(max_new_tokens=int(max_new_tokens))
         pairs = assistant.compare(text, settings, client_id=client_id(request))
         for base, tuned in user_facing(pairs):
             ids = (base.request_id if base else "", tuned.request_id if tuned else "")

@@ -14,6 +14,7 @@ from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
     capped_task_events,
     client_id,
+    generation_settings,
     gpu,
     max_new_tokens_slider,
     user_facing,
@@ -109,7 +110,7 @@ def summarise_tab(assistant: Assistant, max_reply: int) -> None:
 
     @gpu
     def summarize_ui(value, style_key, max_new_tokens, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+        settings = generation_settings(max_new_tokens=int(max_new_tokens))
         events = summary_events(assistant, value, style_key, settings, progress, client_id(request))
         yield from user_facing(events)
 

@@ -13,6 +13,7 @@ from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
     capped_task_events,
     client_id,
+    generation_settings,
     gpu,
     max_new_tokens_slider,
     user_facing,
@@ -72,7 +73,7 @@ def translate_tab(assistant: Assistant, max_reply: int) -> None:
         request: gr.Request,
         progress=gr.Progress(),  # noqa: B008 (Gradio injects it)
     ):
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+        settings = generation_settings(max_new_tokens=int(max_new_tokens))
         events = translation_events(
             assistant,
             value,
