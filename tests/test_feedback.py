@@ -253,3 +253,24 @@ def test_a_schema_1_database_from_the_first_release_is_migrated_and_keeps_its_ro
     add_reply(store)  # and the migrated store takes new rows
     store.add_feedback("like", "r1")
     assert len(store.list_feedback()) == 3
+
+
+def test_app_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path):
+    path = tmp_path / "feedback.sqlite3"
+    shutil.copy(V1_DATABASE, path)
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            FeedbackStore(path)
+        except BaseException as error:  # re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    store = FeedbackStore(path)
+    assert len(store.list_feedback()) == 2 and store.list_replies() == []

@@ -129,20 +129,33 @@ class FeedbackStore:
         self._migrate()
 
     def _migrate(self) -> None:
-        with self._connect() as connection:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SupportLMError(
-                f"The feedback database {self.path} was written by a newer supportlm "
-                f"(schema {version}, this version reads {SCHEMA_VERSION}); please upgrade."
-            )
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            with closing(sqlite3.connect(self.path, timeout=self.timeout)) as connection:
-                # executescript commits first, so the migration and its version bump are wrapped
-                # in one explicit transaction: a crash leaves the previous version intact.
-                connection.executescript(
-                    f"BEGIN; {MIGRATIONS[number - 1]} PRAGMA user_version = {number}; COMMIT;"
-                )
+        """Apply the migrations this file lacks, each in one transaction that re-reads the version.
+
+        `BEGIN IMMEDIATE` takes the write lock before the version is read, so two app processes
+        opening an old file at once migrate it once; a crash leaves the previous version intact.
+        """
+        for number in range(1, SCHEMA_VERSION + 1):
+            with closing(
+                sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            ) as connection:
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    version = connection.execute("PRAGMA user_version").fetchone()[0]
+                    if version > SCHEMA_VERSION:
+                        raise SupportLMError(
+                            f"The feedback database {self.path} was written by a newer supportlm "
+                            f"(schema {version}, this version reads {SCHEMA_VERSION}); please "
+                            "upgrade."
+                        )
+                    if version < number:
+                        for statement in MIGRATIONS[number - 1].split(";"):
+                            if statement.strip():
+                                connection.execute(statement)
+                        connection.execute(f"PRAGMA user_version = {number}")
+                    connection.execute("COMMIT")
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
