@@ -248,20 +248,18 @@ class LlamaCppEngine(Engine):
         token_ids: list[int] = []
         text = ""
         finished: Finished | None = None
-        try:
-            while finished is None:
-                finished = self._take_tokens(lane_request.results, token_ids)
-                if token_ids:
-                    clock.first_token()
-                decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-                # Hold back a trailing partial UTF-8 character until its last byte arrives.
-                if decoded != text and (finished or not decoded.endswith("\ufffd")):
-                    text = decoded
-                    if finished is None:
-                        yield clock.event(text, len(token_ids))
-        finally:
-            if finished is None:  # the consumer went away or an error came back: free the slot
-                lane_request.cancel.set()
+        # When the consumer goes away or an error comes back, `Engine.stream` sets the stop
+        # event, which is this request's `cancel`: its lane then frees the slot.
+        while finished is None:
+            finished = self._take_tokens(lane_request.results, token_ids)
+            if token_ids:
+                clock.first_token()
+            decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            # Hold back a trailing partial UTF-8 character until its last byte arrives.
+            if decoded != text and (finished or not decoded.endswith("\ufffd")):
+                text = decoded
+                if finished is None:
+                    yield clock.event(text, len(token_ids))
         yield clock.event(text, len(token_ids), finished.reason)
 
     @staticmethod
