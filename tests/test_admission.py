@@ -128,3 +128,23 @@ def test_every_path_that_generates_shares_one_bound(smollm2_tokenizer, tmp_path)
         results = [job.result() for job in jobs]
     assert all(results)
     assert engine.most == 1  # SUPPORTLM_CONCURRENCY=1 held across chat, summarise, translate
+
+
+def test_a_failing_store_costs_one_attempt_and_the_reply_still_arrives(smollm2_tokenizer, tmp_path):
+    import sqlite3
+
+    plan = AppSettings(model="embedded", backend="transformers",
+                       feedback_db=tmp_path / "fb.sqlite3").resolve()  # fmt: skip
+    assistant = Assistant(SlowEngine(smollm2_tokenizer), plan)
+    attempts = []
+
+    def broken_store(record):
+        attempts.append(record.reply_id)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    assistant.feedback.add_reply = broken_store
+    settings = GenerationSettings(max_new_tokens=8)
+    chat = assistant.chat_request("Where is my parcel?", [], None, settings)
+    events = list(assistant.chat(chat, settings))
+    assert events[-1].finished and events[-1].text == "ok ok ok"
+    assert len(events) > 2 and len(attempts) == 1

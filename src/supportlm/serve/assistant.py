@@ -140,11 +140,11 @@ class Assistant:
         whole text is stored when it finishes.
         """
         request = self.engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
-        stored = False
+        stored = None  # tried once, at the first event: a failing store costs one attempt
         for event in self._admitted(self.engine.stream(request), client_id):
-            if not stored:
+            if stored is None:
                 stored = self._store_reply(chat, request, event)
-            elif event.finished:
+            elif event.finished and stored:
                 finish = functools.partial(
                     self.feedback.finish_reply, request.request_id, event.text, event.finish_reason
                 )
