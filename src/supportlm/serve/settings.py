@@ -98,9 +98,14 @@ class AppSettings:
         if self.backend not in BACKEND_CHOICES:
             choices = ", ".join(BACKEND_CHOICES)
             raise SupportLMError(f"SUPPORTLM_BACKEND={self.backend!r} is not one of {choices}.")
-        for name in ("max_input_chars", "max_input_tokens", "concurrency", "max_queue"):
+        for name in (
+            "max_input_chars",
+            "max_input_tokens",
+            "concurrency",
+            "max_queue",
+            "context_length",
+        ):
             self._check_at_least(name, 1)
-        self._check_at_least("context_length", 1)
         for name in ("rate_limit", "llamacpp_threads", "llamacpp_lanes"):
             self._check_at_least(name, 0)
         if self.max_input_tokens >= self.context_length:
