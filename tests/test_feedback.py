@@ -8,66 +8,6 @@ import pytest
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.feedback import SCHEMA_VERSION, FeedbackStore, ReplyRecord
-from supportlm.serve.redaction import redact
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        # e-mail addresses
-        ("write to anna.k+shop@example.co.uk please", "write to [EMAIL] please"),
-        ("ME@EXAMPLE.COM", "[EMAIL]"),
-        # phone numbers: international and national formats
-        ("call +1 415-555-0100 now", "call [PHONE] now"),
-        ("call +44 (0)20 7946 0958.", "call [PHONE]."),
-        ("tel:+33612345678", "tel:[PHONE]"),
-        ("+49 30 12345678", "[PHONE]"),
-        ("(555) 123-4567", "[PHONE]"),
-        ("555-123-4567", "[PHONE]"),
-        ("555.123.4567", "[PHONE]"),
-        ("06 12 34 56 78", "[PHONE]"),
-        ("020 7946 0958", "[PHONE]"),
-        ("0612345678", "[PHONE]"),
-        ("my number is 612 345 678, thanks", "my number is [PHONE], thanks"),
-        # payment cards (Luhn-valid), with and without separators
-        ("card 4111 1111 1111 1111 exp 12/26", "card [CARD] exp 12/26"),
-        ("4111-1111-1111-1111", "[CARD]"),
-        ("5555555555554444", "[CARD]"),
-        ("amex 3782 822463 10005", "amex [CARD]"),
-        ("4111 1111 1111 1111 12 26", "[CARD] 12 26"),
-        # all three at once
-        (
-            "Anna (anna@example.com, +1 415 555 0100) paid with 4242424242424242.",
-            "Anna ([EMAIL], [PHONE]) paid with [CARD].",
-        ),
-    ],
-)
-def test_redact_replaces_personal_data(text, expected):
-    assert redact(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "order #12345",
-        "order #1234567890",
-        "order ORD-2024-000123",
-        "order 5551234567",
-        "delivered on 2024-05-01",
-        "delivered on 01/05/2024 at 14:30",
-        "delivered on 15.01.2024",
-        "it cost $1,299.99 or 1.299,99 €",
-        "refund of 12.50 EUR for 3 items",
-        "4111 1111 1111 1112",
-        "tracking 1Z999AA10123456784",
-        "see https://example.com/orders/0612345678",
-        "version 10.2.3",
-        "between 2023 and 2024",
-    ],
-)
-def test_redact_keeps_order_numbers_dates_and_prices(text):
-    assert redact(text) == text
-
 
 CONVERSATION = [
     {"role": "system", "content": "Be helpful."},

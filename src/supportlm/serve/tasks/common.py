@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import re2  # linear-time matching: these patterns run on user text (see redaction)
 from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
 from supportlm.serve.redaction import EMAIL_PATTERN
 
 _PLACEHOLDER = r"\{\{[^{}\n]*\}\}"
-PROTECTED = re.compile(
+PROTECTED = re2.compile(
     "|".join(
         [
             _PLACEHOLDER,
@@ -28,7 +28,7 @@ PROTECTED = re.compile(
     )
 )
 # Lenient: small models add spaces or braces around markers ("{{{P1}}}") and change case.
-_SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*$")
+_SENTENCE_END = re2.compile(r"[.!?…。！？][\"'”’)\]]*$")
 
 #: `progress(fraction, description)`; the UI passes a `gr.Progress`.
 ProgressCallback = Callable[[float, str], None]

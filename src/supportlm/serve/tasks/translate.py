@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import collections
 import itertools
-import re
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
+import re2  # linear-time matching: these patterns run on user text (see redaction)
 from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
@@ -46,8 +47,8 @@ from supportlm.serve.tasks.common import (
     stopped,
 )
 
-_MARKER = re.compile(r"\{+\s*[Pp](\d+)\s*\}+")
-_UNFINISHED_MARKER = re.compile(r"\{+\s*(?:[Pp]\d*\s*)?\}?$")
+_MARKER = re2.compile(r"\{+\s*[Pp](\d+)\s*\}+")
+_UNFINISHED_MARKER = re2.compile(r"\{+\s*(?:[Pp]\d*\s*)?\}?$")
 
 
 def protect_spans(text: str) -> tuple[str, list[str]]:
@@ -60,7 +61,7 @@ def protect_spans(text: str) -> tuple[str, list[str]]:
     """
     spans: list[str] = []
 
-    def mask(match: re.Match[str]) -> str:
+    def mask(match: Any) -> str:
         spans.append(match.group())
         return f"{{{{P{len(spans)}}}}}"
 
@@ -70,7 +71,7 @@ def protect_spans(text: str) -> tuple[str, list[str]]:
 def restore_spans(text: str, spans: list[str]) -> str:
     """Swap the markers of `protect_spans` back; markers the model invented are dropped."""
 
-    def unmask(match: re.Match[str]) -> str:
+    def unmask(match: Any) -> str:
         index = int(match.group(1))
         return spans[index - 1] if 1 <= index <= len(spans) else ""
 
