@@ -36,7 +36,7 @@ def test_store_creates_wal_database_with_schema_version(store):
     assert store.path.is_file()
     with sqlite3.connect(store.path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_replies_and_feedback_are_redacted_on_disk(store):
@@ -101,9 +101,9 @@ def test_votes_name_two_replies_to_the_same_question(store):
 
 def test_invalid_kind_and_choice_are_rejected(store):
     add_reply(store)
-    with pytest.raises(ValueError, match="feedback kind"):
+    with pytest.raises(SupportLMError, match="feedback kind"):
         store.add_feedback("love", "r1")
-    with pytest.raises(ValueError, match="vote"):
+    with pytest.raises(SupportLMError, match="vote"):
         store.add_vote("r1", "r1", "maybe")
     with pytest.raises(SupportLMError, match="corrected answer"):
         store.add_feedback("correction", "r1", corrected_answer=" ")

@@ -9,6 +9,7 @@ ids, not a new system turn, and the label mask is exact (no re-tokenisation gues
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -202,25 +203,67 @@ def _check_messages(messages: list[Message]) -> None:
 def fit_messages(
     tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_prompt_tokens: int
 ) -> list[Message]:
-    """Drop the oldest turns until the prompt fits in `max_prompt_tokens`.
+    """The system prompt, the latest message and as many of the newest turns as fit.
 
-    The system prompt and the latest user message are always kept; if even those do not fit, the
-    message is too long and the caller must say so.
+    Newest first, with each message's tokens counted once: the first version re-encoded the
+    whole conversation for every exchange it dropped (400 turns cost 81k tokenizer calls). The
+    per-message counts add the tokens the chat template puts around a message, measured once;
+    one final encoding checks the sum, and in the rare case the template merges differently one
+    more exchange is dropped. The system prompt and the latest message are always kept; if even
+    those do not fit, the message is too long and the caller must say so.
     """
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
+    length = len(encode_chat(tokenizer, system + turns[-1:]))
+    if length > max_prompt_tokens:
+        raise SupportLMError(
+            f"The message is too long for the model: {length} prompt tokens, at most "
+            f"{max_prompt_tokens}. Please shorten it."
+        )
+    start = _oldest_turn_that_fits(tokenizer, turns, max_prompt_tokens - length)
     while True:
-        candidate = system + turns
-        length = len(encode_chat(tokenizer, candidate))
-        if length <= max_prompt_tokens:
+        candidate = system + turns[start:]
+        if start == len(turns) - 1 or len(encode_chat(tokenizer, candidate)) <= max_prompt_tokens:
             return candidate
-        if len(turns) <= 1:
-            raise SupportLMError(
-                f"The message is too long for the model: {length} prompt tokens, at most "
-                f"{max_prompt_tokens}. Please shorten it."
-            )
-        # Drop a whole exchange (user + assistant) so the history keeps alternating roles.
-        turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
+        start = _next_exchange(turns, start)
+
+
+def _oldest_turn_that_fits(
+    tokenizer: PreTrainedTokenizerBase, turns: list[Message], budget: int
+) -> int:
+    """The index of the oldest turn such that the turns from it to the latest fit in `budget`."""
+    overhead = _template_tokens_per_message(tokenizer)
+    start = len(turns) - 1
+    while start > 0:
+        text = turns[start - 1]["content"]
+        cost = overhead + len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if cost > budget:
+            break
+        budget -= cost
+        start -= 1
+    # The kept history starts with a user message, so the roles keep alternating.
+    if turns[start]["role"] == "assistant" and start < len(turns) - 1:
+        start += 1
+    return start
+
+
+def _next_exchange(turns: list[Message], start: int) -> int:
+    """Drop a whole exchange (user + assistant) from the start of the kept turns."""
+    if start + 2 < len(turns) and turns[start + 1]["role"] == "assistant":
+        return start + 2
+    return start + 1
+
+
+@functools.lru_cache(maxsize=8)
+def _template_tokens_per_message(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens the chat template adds around one message (role markers, separators)."""
+    one = [{"role": "user", "content": "a"}]
+    two = [*one, {"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]
+    added = len(encode_chat(tokenizer, two)) - len(encode_chat(tokenizer, one))
+    texts = len(tokenizer("b", add_special_tokens=False)["input_ids"]) + len(
+        tokenizer("a", add_special_tokens=False)["input_ids"]
+    )
+    return max(0, (added - texts + 1) // 2)
 
 
 def summarize_messages(

@@ -23,6 +23,42 @@ class Busy(SupportLMError):
     """Too many requests: the queue is full or the client's rate limit is used up."""
 
 
+class RateLimit:
+    """At most `limit` calls per client in any `window_s` seconds (0: no limit).
+
+    A sliding window of call times per client; the map forgets idle clients, so it stays bounded
+    however many addresses a visitor uses.
+    """
+
+    def __init__(
+        self, limit: int, window_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if limit < 0:
+            raise SupportLMError("A rate limit is at least 0.")
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._recent: dict[str, collections.deque[float]] = {}
+
+    def check(self, client_id: str | None, what: str = "requests") -> None:
+        """Count one call by `client_id`; raises `Busy` when its limit is used up."""
+        if not self.limit or client_id is None:
+            return
+        now = self._clock()
+        with self._lock:
+            recent = self._recent.setdefault(client_id, collections.deque())
+            while recent and now - recent[0] >= self.window_s:
+                recent.popleft()
+            if len(recent) >= self.limit:
+                raise Busy(f"Too many {what}: at most {self.limit} a minute; please wait a moment.")
+            recent.append(now)
+            if len(self._recent) > 10_000:  # forget clients idle for a whole window
+                idle = [k for k, v in self._recent.items() if now - v[-1] >= self.window_s]
+                for key in idle:
+                    del self._recent[key]
+
+
 class Admission:
     """A concurrency limit, a bounded waiting line and optional per-client rate limits."""
 
@@ -39,14 +75,11 @@ class Admission:
             raise SupportLMError("concurrency must be at least 1, max_queue and rate_limit >= 0.")
         self.concurrency = concurrency
         self.max_queue = max_queue
-        self.rate_limit = rate_limit
-        self.window_s = window_s
-        self._clock = clock
         self._slots = threading.Semaphore(concurrency)
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
-        self._recent: dict[str, collections.deque[float]] = {}
+        self.rate = RateLimit(rate_limit, window_s, clock=clock)
 
     @property
     def running(self) -> int:
@@ -59,7 +92,7 @@ class Admission:
     @contextlib.contextmanager
     def admit(self, client_id: str | None = None) -> Iterator[None]:
         """Hold a generation slot for the body; raises `Busy` when the request cannot wait."""
-        self._check_rate(client_id)
+        self.rate.check(client_id)
         with self._lock:
             admitted = self._slots.acquire(blocking=False)
             if not admitted and self._waiting >= self.max_queue:
@@ -83,20 +116,3 @@ class Admission:
             with self._lock:
                 self._running -= 1
             self._slots.release()
-
-    def _check_rate(self, client_id: str | None) -> None:
-        if not self.rate_limit or client_id is None:
-            return
-        now = self._clock()
-        with self._lock:
-            recent = self._recent.setdefault(client_id, collections.deque())
-            while recent and now - recent[0] >= self.window_s:
-                recent.popleft()
-            if len(recent) >= self.rate_limit:
-                raise Busy(
-                    f"Too many requests: at most {self.rate_limit} a minute; please wait a moment."
-                )
-            recent.append(now)
-            if len(self._recent) > 10_000:  # forget idle clients, so the map stays bounded
-                for key in [k for k, v in self._recent.items() if not v][:5_000]:
-                    del self._recent[key]

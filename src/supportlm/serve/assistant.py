@@ -15,14 +15,17 @@ it per browser session), so two users' conversations cannot mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -30,12 +33,14 @@ from supportlm.engines.base import Engine, GenerationRequest, GenerationSettings
 from supportlm.errors import SupportLMError
 from supportlm.prompts import encode_chat, fit_messages, with_system_prompt
 from supportlm.run_folder import PromptStyle, RunFolder
-from supportlm.serve.admission import Admission
-from supportlm.serve.feedback import FeedbackStore, ReplyRecord
-from supportlm.serve.history import cap_text, plain_messages
+from supportlm.serve.admission import Admission, RateLimit
+from supportlm.serve.feedback import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
+from supportlm.serve.history import cap_history, cap_text
 from supportlm.serve.settings import ServingPlan
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +50,12 @@ class ChatRequest:
     prompt_ids: list[int]
     messages: list[dict[str, str]]
     notices: list[str]
+
+
+def _check_reply_id(reply_id: Any) -> None:
+    """Reply ids are short strings the server issued; anything else is refused before SQL."""
+    if not isinstance(reply_id, str) or not 0 < len(reply_id) <= 64:
+        raise SupportLMError("That reply is unknown: feedback is taken for this app's replies.")
 
 
 class Assistant:
@@ -65,7 +76,12 @@ class Assistant:
         self.run = RunFolder(plan.adapter) if plan.adapter else None
         style = self.run.prompt_style() if self.run else PromptStyle.default()
         self.system_prompt = system_prompt or style.system_prompt
-        self.feedback = feedback or FeedbackStore(self.settings.feedback_db)
+        self.feedback_notice: str | None = None
+        if feedback is None:
+            feedback, self.feedback_notice = open_store(self.settings.feedback_db)
+        self.feedback = feedback
+        self.feedback_rate = RateLimit(self.settings.feedback_rate_limit)
+        self._purged_at = -math.inf
         self.admission = admission or Admission(
             min(self.settings.concurrency, engine.max_concurrency),
             self.settings.max_queue,
@@ -108,13 +124,24 @@ class Assistant:
         system_prompt: str | None,
         settings: GenerationSettings,
     ) -> ChatRequest:
-        """Cap the new message, add the system prompt, drop the oldest turns that do not fit."""
-        if not message.strip():
+        """Cap every part, add the system prompt, keep the newest turns that fit the context."""
+        if not isinstance(message, str) or not message.strip():
             raise SupportLMError("Please type a message.")
+        limits = self.settings
         message, notice = self.cap(message)
-        notices = [notice] if notice else []
-        conversation = [*plain_messages(history), {"role": "user", "content": message}]
-        messages = with_system_prompt(conversation, system_prompt or self.system_prompt)
+        history_messages, notices = cap_history(
+            history, limits.max_history_messages, limits.max_input_chars
+        )
+        notices = [notice, *notices] if notice else notices
+        system_prompt = system_prompt or self.system_prompt
+        if len(system_prompt) > limits.max_system_prompt_chars:
+            system_prompt = system_prompt[: limits.max_system_prompt_chars]
+            notices.append(
+                f"The system prompt was cut to its first {limits.max_system_prompt_chars} "
+                "characters."
+            )
+        conversation = [*history_messages, {"role": "user", "content": message}]
+        messages = with_system_prompt(conversation, system_prompt)
         budget = self.context_length - settings.max_new_tokens
         if budget < 1:
             raise SupportLMError(
@@ -133,17 +160,20 @@ class Assistant:
         *,
         use_adapter: bool = True,
         client_id: str | None = None,
+        conversation_id: str | None = None,
+        store: bool = True,
     ) -> Iterator[StreamEvent]:
         """Stream the reply to `chat`, stored under its reply id (`event.request_id`).
 
         The reply is stored with its first event, so it can be rated while it streams, and its
-        whole text is stored when it finishes.
+        whole text is stored when it finishes; ``store=False`` (the user opted out) or a store
+        that is off stores nothing.
         """
         request = self.engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
-        stored = None  # tried once, at the first event: a failing store costs one attempt
+        stored = None if store and self.feedback is not None else False
         for event in self._admitted(self.engine.stream(request), client_id):
-            if stored is None:
-                stored = self._store_reply(chat, request, event)
+            if stored is None:  # tried once, at the first event: a failing store costs one try
+                stored = self._store_reply(chat, request, event, conversation_id)
             elif event.finished and stored:
                 finish = functools.partial(
                     self.feedback.finish_reply, request.request_id, event.text, event.finish_reason
@@ -191,6 +221,7 @@ class Assistant:
                 system_prompt=self.system_prompt,
                 progress=progress,
                 stop_event=stop_event,
+                max_calls=self.settings.max_model_calls,
             )
 
         return self._task(start, client_id)
@@ -216,6 +247,7 @@ class Assistant:
                 source_language=source_language,
                 progress=progress,
                 stop_event=stop_event,
+                max_calls=self.settings.max_model_calls,
             )
 
         return self._task(start, client_id)
@@ -228,8 +260,13 @@ class Assistant:
     # -- replies and feedback -------------------------------------------------------------------
 
     def _store_reply(
-        self, chat: ChatRequest, request: GenerationRequest, event: StreamEvent
+        self,
+        chat: ChatRequest,
+        request: GenerationRequest,
+        event: StreamEvent,
+        conversation_id: str | None,
     ) -> bool:
+        self._purge_if_due()
         adapter = request.adapter
         record = ReplyRecord(
             reply_id=request.request_id,
@@ -246,6 +283,7 @@ class Assistant:
                     (m["content"] for m in chat.messages if m["role"] == "system"), None
                 ),
             },
+            conversation_id=conversation_id,
         )
         return self._safely(request, lambda: self.feedback.add_reply(record))
 
@@ -259,16 +297,79 @@ class Assistant:
             return False
         return True
 
-    def record_feedback(
-        self, kind: str, reply_id: str, *, corrected_answer: str | None = None
-    ) -> int:
-        """Store a like, dislike or correction of the reply `reply_id`."""
-        return self.feedback.add_feedback(kind, reply_id, corrected_answer=corrected_answer)  # type: ignore[arg-type]
+    def _purge_if_due(self) -> None:
+        """Delete rows past `retention_days`, at most once an hour (an indexed DELETE)."""
+        days = self.settings.retention_days
+        if not days or time.monotonic() - self._purged_at < 3600:
+            return
+        self._purged_at = time.monotonic()
+        from supportlm.serve.retention import purge_older_than
 
-    def record_vote(self, base_reply_id: str, tuned_reply_id: str, choice: str) -> int:
+        with contextlib.suppress(SupportLMError):  # logged by _write; replies keep flowing
+            self._write(lambda: purge_older_than(self._store(), days), "purge old rows")
+
+    def _store(self) -> FeedbackStore:
+        if self.feedback is None:
+            raise SupportLMError(self.feedback_notice or "Feedback is switched off.")
+        return self.feedback
+
+    @staticmethod
+    def _write(write: Callable[[], T], what: str) -> T:
+        """Run a store write; a failing disk or database is a clear message, the app serves on."""
+        try:
+            return write()
+        except (sqlite3.Error, OSError) as error:
+            logger.exception("Could not %s", what)
+            full = "full" in str(error).lower() or getattr(error, "errno", None) == errno.ENOSPC
+            reason = "the server's storage is full" if full else "the server's storage failed"
+            raise SupportLMError(
+                f"Sorry, that could not be saved ({reason}); the assistant keeps answering."
+            ) from error
+
+    def record_feedback(
+        self,
+        kind: str,
+        reply_id: str,
+        *,
+        corrected_answer: str | None = None,
+        client_id: str | None = None,
+    ) -> int:
+        """Store a like, dislike or correction of the reply `reply_id` the server issued.
+
+        The one write path for feedback (the Chat tab, the ``/feedback`` API, the soak bench):
+        the kind, the reply id and the correction's size are checked, and each client may write
+        `feedback_rate_limit` rows a minute.
+        """
+        store = self._store()
+        if kind not in FEEDBACK_KINDS:
+            raise SupportLMError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")
+        _check_reply_id(reply_id)
+        limit = self.settings.max_correction_chars
+        if corrected_answer is not None and (
+            not isinstance(corrected_answer, str) or len(corrected_answer) > limit
+        ):
+            raise SupportLMError(
+                f"The correction is too long (at most {limit} characters); please shorten it."
+            )
+        self.feedback_rate.check(client_id, "feedback messages")
+        return self._write(
+            lambda: store.add_feedback(kind, reply_id, corrected_answer=corrected_answer),  # type: ignore[arg-type]
+            "store feedback",
+        )
+
+    def record_vote(
+        self, base_reply_id: str, tuned_reply_id: str, choice: str, *, client_id: str | None = None
+    ) -> int:
         if not (base_reply_id and tuned_reply_id):
             raise SupportLMError("Compare the two answers first, then vote.")
-        return self.feedback.add_vote(base_reply_id, tuned_reply_id, choice)  # type: ignore[arg-type]
+        store = self._store()
+        _check_reply_id(base_reply_id)
+        _check_reply_id(tuned_reply_id)
+        self.feedback_rate.check(client_id, "feedback messages")
+        return self._write(
+            lambda: store.add_vote(base_reply_id, tuned_reply_id, choice),  # type: ignore[arg-type]
+            "store a vote",
+        )
 
     def adapter_report(self) -> tuple[dict[str, Any] | None, Path | None]:
         """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder)."""

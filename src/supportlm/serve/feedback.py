@@ -15,6 +15,7 @@ each call opens its own connection (see `FeedbackStore`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,8 @@ from typing import Any, Literal
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.redaction import redact, redact_json
+
+logger = logging.getLogger(__name__)
 
 FEEDBACK_KINDS = ("like", "dislike", "correction")
 VOTE_CHOICES = ("base", "tuned", "tie", "both_bad")
@@ -82,6 +85,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE votes ADD COLUMN tuned_reply_id TEXT REFERENCES replies (reply_id);
     ALTER TABLE votes ADD COLUMN adapter_version TEXT;
     """,
+    # 3: the conversation (browser session) a reply belongs to, so one can be erased on request.
+    """
+    ALTER TABLE replies ADD COLUMN conversation_id TEXT;
+    CREATE INDEX replies_conversation ON replies (conversation_id);
+    CREATE INDEX replies_created ON replies (created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -107,6 +116,7 @@ class ReplyRecord:
     adapter_version: str | None = None
     backend: str | None = None
     settings: Mapping[str, Any] | None = None
+    conversation_id: str | None = None
 
 
 class FeedbackStore:
@@ -123,7 +133,7 @@ class FeedbackStore:
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as connection:
+        with self.connect() as connection:
             # WAL is a property of the file, so setting it once at creation is enough.
             connection.execute("PRAGMA journal_mode=WAL")
         self._migrate()
@@ -158,7 +168,7 @@ class FeedbackStore:
                     raise
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[sqlite3.Connection]:
         """A connection that commits on success, rolls back on error, and is always closed."""
         with closing(sqlite3.connect(self.path, timeout=self.timeout)) as connection:
             connection.row_factory = sqlite3.Row
@@ -183,19 +193,20 @@ class FeedbackStore:
             record.adapter_version,
             record.backend,
             _dumps(redact_json(dict(record.settings)) if record.settings is not None else None),
+            record.conversation_id,
         )
-        with self._connect() as connection:
+        with self.connect() as connection:
             connection.execute(
                 "INSERT INTO replies (reply_id, created_at, conversation, reply, finish_reason, "
-                "model_id, adapter_id, adapter_version, backend, settings) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_id, adapter_id, adapter_version, backend, settings, conversation_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
         return record.reply_id
 
     def finish_reply(self, reply_id: str, reply: str, finish_reason: str | None) -> None:
         """Store the whole text of a reply stored while it was still streaming."""
-        with self._connect() as connection:
+        with self.connect() as connection:
             connection.execute(
                 "UPDATE replies SET reply = ?, finish_reason = ? WHERE reply_id = ?",
                 (redact(reply), finish_reason, reply_id),
@@ -203,7 +214,7 @@ class FeedbackStore:
 
     def get_reply(self, reply_id: str) -> dict[str, Any]:
         """The stored reply `reply_id`; raises when the server never issued it."""
-        with self._connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(
                 "SELECT * FROM replies WHERE reply_id = ?", (reply_id,)
             ).fetchone()
@@ -223,7 +234,7 @@ class FeedbackStore:
         A correction needs `corrected_answer`: the answer the agent wanted instead.
         """
         if kind not in FEEDBACK_KINDS:
-            raise ValueError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")
+            raise SupportLMError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")
         if kind == "correction" and not (corrected_answer or "").strip():
             raise SupportLMError("A correction needs the corrected answer.")
         reply = self.get_reply(reply_id)
@@ -242,7 +253,7 @@ class FeedbackStore:
             _dumps(reply["settings"]),
             reply_id,
         )
-        with self._connect() as connection:
+        with self.connect() as connection:
             cursor = connection.execute(
                 "INSERT INTO feedback (created_at, kind, conversation, message_index, reply, "
                 "corrected_answer, model_id, adapter_id, adapter_version, backend, settings, "
@@ -254,7 +265,7 @@ class FeedbackStore:
     def add_vote(self, base_reply_id: str, tuned_reply_id: str, choice: VoteChoice) -> int:
         """Store which of two replies to the same question a user preferred; returns the row id."""
         if choice not in VOTE_CHOICES:
-            raise ValueError(f"Unknown vote {choice!r}; use one of {VOTE_CHOICES}.")
+            raise SupportLMError(f"Unknown vote {choice!r}; use one of {VOTE_CHOICES}.")
         base, tuned = self.get_reply(base_reply_id), self.get_reply(tuned_reply_id)
         if base["conversation"] != tuned["conversation"]:
             raise SupportLMError("A vote compares two answers to the same question.")
@@ -274,7 +285,7 @@ class FeedbackStore:
             base_reply_id,
             tuned_reply_id,
         )
-        with self._connect() as connection:
+        with self.connect() as connection:
             cursor = connection.execute(
                 "INSERT INTO votes (created_at, question, base_answer, tuned_answer, choice, "
                 "model_id, adapter_id, adapter_version, settings, base_reply_id, tuned_reply_id) "
@@ -289,7 +300,7 @@ class FeedbackStore:
         if limit is not None:
             query += " LIMIT ?"
             parameters = (limit,)
-        with self._connect() as connection:
+        with self.connect() as connection:
             rows = connection.execute(query, parameters).fetchall()
         return [_decoded(row) for row in rows]
 
@@ -332,6 +343,19 @@ class FeedbackStore:
                 file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
                 count += 1
         return count
+
+
+def open_store(path: str | os.PathLike[str]) -> tuple[FeedbackStore | None, str | None]:
+    """The store at `path`, or ``None`` and a notice for users when it cannot be used.
+
+    A corrupt file, an unwritable folder or a database from a newer version must not stop the app
+    from serving: the reason goes to the log in one line and feedback is switched off.
+    """
+    try:
+        return FeedbackStore(path), None
+    except (sqlite3.Error, OSError, SupportLMError) as error:
+        logger.error("Feedback is off: the store %s cannot be used (%s).", path, error)
+        return None, "Feedback is switched off on this server: its store could not be opened."
 
 
 def _decoded(row: sqlite3.Row) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from supportlm.errors import SupportLMError
+
 
 def message_text(content: Any) -> str:
     """The text of a chat message's content in any of Gradio's shapes (str, parts, dict)."""
@@ -23,12 +25,14 @@ def plain_messages(history: Sequence[Mapping[str, Any]] | None) -> list[dict[str
     """``{"role", "content": str}`` messages from a Gradio history (files and metadata dropped)."""
     messages = []
     for message in history or []:
+        if not isinstance(message, Mapping):
+            raise SupportLMError("Each history message must be a {role, content} object.")
         if message.get("role") not in {"user", "assistant"}:
             continue
         metadata = message.get("metadata") or {}
         if metadata.get("title"):  # tool or thought bubbles are UI, not conversation
             continue
-        messages.append({"role": message["role"], "content": message_text(message["content"])})
+        messages.append({"role": message["role"], "content": message_text(message.get("content"))})
     return messages
 
 
@@ -45,3 +49,24 @@ def cap_text(
         text = tokenizer.decode(ids[:max_tokens])
         notice = f"The input was cut to its first {max_tokens} tokens."
     return text, notice
+
+
+def cap_history(
+    history: Sequence[Mapping[str, Any]] | None, max_messages: int, max_chars: int
+) -> tuple[list[dict[str, str]], list[str]]:
+    """The newest `max_messages` plain messages, each cut to `max_chars`; notices say what changed.
+
+    Only the kept messages are read, so a 10,000-turn history costs as much as a short one.
+    """
+    if (history is not None and not isinstance(history, Sequence)) or isinstance(history, str):
+        raise SupportLMError("The history must be a list of {role, content} messages.")
+    history = list(history or [])
+    notices = []
+    if len(history) > max_messages:
+        history = history[-max_messages:]
+        notices.append(f"Only the newest {max_messages} messages of the conversation were used.")
+    messages = plain_messages(history)
+    if any(len(m["content"]) > max_chars for m in messages):
+        messages = [{**m, "content": m["content"][:max_chars]} for m in messages]
+        notices.append(f"Earlier messages were cut to their first {max_chars} characters.")
+    return messages, notices

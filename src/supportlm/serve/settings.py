@@ -66,6 +66,21 @@ class AppSettings:
     )
     max_input_chars: int = _setting("SUPPORTLM_MAX_INPUT_CHARS", 4000, "longer inputs are cut.")
     max_input_tokens: int = _setting("SUPPORTLM_MAX_INPUT_TOKENS", 1024, "longer inputs are cut.")
+    max_history_messages: int = _setting(
+        "SUPPORTLM_MAX_HISTORY_MESSAGES", 40, "older messages of a conversation are left out."
+    )
+    max_system_prompt_chars: int = _setting(
+        "SUPPORTLM_MAX_SYSTEM_PROMPT_CHARS", 2000, "longer system prompts are cut."
+    )
+    max_correction_chars: int = _setting(
+        "SUPPORTLM_MAX_CORRECTION_CHARS", 4000, "longer corrections are refused."
+    )
+    max_model_calls: int = _setting(
+        "SUPPORTLM_MAX_MODEL_CALLS", 48, "model calls per summary or translation; more is refused."
+    )
+    max_upload_bytes: int = _setting(
+        "SUPPORTLM_MAX_UPLOAD_BYTES", 1_000_000, "larger uploads are refused."
+    )
     concurrency: int = _setting(
         "SUPPORTLM_CONCURRENCY", 4, "requests generating at once, all tabs and APIs together."
     )
@@ -74,6 +89,15 @@ class AppSettings:
     )
     rate_limit: int = _setting(
         "SUPPORTLM_RATE_LIMIT", 0, "generation requests per client per minute; 0: no limit."
+    )
+    feedback_rate_limit: int = _setting(
+        "SUPPORTLM_FEEDBACK_RATE_LIMIT", 30, "feedback writes per client per minute; 0: no limit."
+    )
+    retention_days: int = _setting(
+        "SUPPORTLM_RETENTION_DAYS", 0, "stored rows older than this are deleted; 0: kept."
+    )
+    auth: str | None = _setting(
+        "SUPPORTLM_AUTH", None, "'user:password' (comma-separated pairs) to require a login."
     )
     context_length: int = _setting("SUPPORTLM_CONTEXT_LENGTH", 2048, "prompt + reply tokens.")
     llamacpp_weights: str = _setting(
@@ -101,12 +125,23 @@ class AppSettings:
         for name in (
             "max_input_chars",
             "max_input_tokens",
+            "max_history_messages",
+            "max_system_prompt_chars",
+            "max_correction_chars",
+            "max_model_calls",
+            "max_upload_bytes",
             "concurrency",
             "max_queue",
             "context_length",
         ):
             self._check_at_least(name, 1)
-        for name in ("rate_limit", "llamacpp_threads", "llamacpp_lanes"):
+        for name in (
+            "rate_limit",
+            "feedback_rate_limit",
+            "retention_days",
+            "llamacpp_threads",
+            "llamacpp_lanes",
+        ):
             self._check_at_least(name, 0)
         if self.max_input_tokens >= self.context_length:
             raise SupportLMError(
@@ -119,6 +154,18 @@ class AppSettings:
                 f"SUPPORTLM_LLAMACPP_WEIGHTS={self.llamacpp_weights!r} is not one of {choices}."
             )
         self.feedback_db = Path(self.feedback_db)
+        self.auth_pairs()  # refuses a malformed SUPPORTLM_AUTH at start-up
+
+    def auth_pairs(self) -> list[tuple[str, str]] | None:
+        """``SUPPORTLM_AUTH`` as (user, password) pairs for `gr.Blocks.launch(auth=...)`."""
+        if not self.auth:
+            return None
+        pairs = [pair.partition(":") for pair in self.auth.split(",")]
+        if any(not user or not sep or not password for user, sep, password in pairs):
+            raise SupportLMError(
+                "SUPPORTLM_AUTH must be 'user:password' pairs separated by commas."
+            )
+        return [(user, password) for user, _, password in pairs]
 
     def _check_at_least(self, name: str, minimum: int) -> None:
         if getattr(self, name) < minimum:

@@ -12,6 +12,7 @@ import re2  # linear-time matching: these patterns run on user text (see redacti
 from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
+from supportlm.errors import SupportLMError
 from supportlm.serve.redaction import EMAIL_PATTERN
 
 _PLACEHOLDER = r"\{\{[^{}\n]*\}\}"
@@ -150,6 +151,28 @@ class Usage:
     clock: EventClock = field(default_factory=EventClock)
     num_tokens: int = 0
     truncated: bool = False
+    #: The request's model-call budget (None: unlimited) and the calls made so far.
+    max_calls: int | None = None
+    calls: int = 0
+
+    def remaining(self) -> float:
+        return math.inf if self.max_calls is None else self.max_calls - self.calls
+
+    def check_plan(self, planned: int, what: str) -> None:
+        """Refuse before the first call a task that would need more calls than its budget."""
+        if planned > self.remaining():
+            raise SupportLMError(
+                f"This text needs {planned} model calls to {what}; at most {self.max_calls} are "
+                "allowed per request. Please send a shorter text, or split it."
+            )
+
+    def spend(self) -> None:
+        """Count one model call; the budget is a hard limit, whatever a task planned."""
+        if self.remaining() < 1:
+            raise SupportLMError(
+                f"This request used its {self.max_calls} model calls; please send a shorter text."
+            )
+        self.calls += 1
 
     def add(self, final: StreamEvent, call_start: float) -> None:
         self.num_tokens += final.num_tokens
@@ -183,6 +206,7 @@ def run_call(
     stop_event: threading.Event | None,
 ) -> Iterator[tuple[StreamEvent, float]]:
     """Stream one model call, recording its usage once it finishes."""
+    usage.spend()
     call_start = time.perf_counter()
     for event in engine.stream(engine.request(prompt_ids, settings), stop_event=stop_event):
         if event.finished:

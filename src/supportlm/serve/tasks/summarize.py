@@ -22,6 +22,7 @@ from supportlm.serve.tasks.common import (
     encode,
     run_call,
     split_by_tokens,
+    split_spans,
     stopped,
 )
 
@@ -39,6 +40,7 @@ def summarize(
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     progress: ProgressCallback | None = None,
     stop_event: threading.Event | None = None,
+    max_calls: int | None = None,
 ) -> Iterator[StreamEvent]:
     """Summarise `text` in `style` (a key of `supportlm.prompts.SUMMARY_STYLES`), streaming.
 
@@ -60,8 +62,12 @@ def summarize(
             f"max_new_tokens={settings.max_new_tokens} leaves no room for the text in the "
             f"model's {engine.context_length}-token context; lower it."
         )
+    usage = Usage(max_calls=max_calls)
+    overlap = int(text_budget * SUMMARY_OVERLAP)
+    chunks = len(split_spans(engine.tokenizer, text, text_budget, overlap))
+    usage.check_plan(chunks + 1 if chunks > 1 else 1, "summarise it")
     return _summarize(
-        engine, text, style, settings, system_prompt, text_budget, progress, stop_event
+        engine, text, style, settings, system_prompt, text_budget, progress, stop_event, usage
     )
 
 
@@ -74,9 +80,9 @@ def _summarize(
     text_budget: int,
     progress: ProgressCallback | None,
     stop_event: threading.Event | None,
+    usage: Usage,
 ) -> Iterator[StreamEvent]:
     tokenizer = engine.tokenizer
-    usage = Usage()
     report = Progress(progress)
 
     def prompt(part: str) -> list[int]:

@@ -167,6 +167,16 @@ def _segments(
     return segments
 
 
+def _spread(lines: list[str], segment: list[int]) -> dict[int, str]:
+    """A group's output lines over its units: one each, the surplus joined onto the last."""
+    spread = {index: "" for index in segment}
+    for index, line in zip(segment, lines, strict=False):
+        spread[index] = line
+    if len(lines) > len(segment):
+        spread[segment[-1]] = " ".join(lines[len(segment) - 1 :])
+    return spread
+
+
 def _needs_model(masked: str) -> bool:
     """Whether anything but markers, punctuation and symbols is left to translate."""
     return any(char.isalpha() for char in _MARKER.sub("", masked))
@@ -182,6 +192,7 @@ def translate(
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     progress: ProgressCallback | None = None,
     stop_event: threading.Event | None = None,
+    max_calls: int | None = None,
 ) -> Iterator[StreamEvent]:
     """Translate `text` into `target_language`, streaming the translation so far.
 
@@ -190,7 +201,11 @@ def translate(
     breaks, blank lines, placeholders, URLs, e-mail addresses and numbers survive (see the module
     docstring for how). `num_tokens` and the timings cover every model call.
 
-    Raises `SupportLMError` for an empty text or an unknown language before the first event.
+    At most `max_calls` model calls are made: a text that needs more is refused before the
+    first call, and the line-by-line retries of a merged group stop when the budget runs low.
+
+    Raises `SupportLMError` for an empty text, an unknown language or a text over the call
+    budget before the first event.
     """
     if not text.strip():
         raise SupportLMError("There is no text to translate.")
@@ -210,6 +225,8 @@ def translate(
     translation = _Translation(
         engine, text, target_language, settings, source_language, system_prompt, budget, stop_event
     )
+    translation.usage.max_calls = max_calls
+    translation.usage.check_plan(len(translation.segments), "translate it")
     return translation.run(Progress(progress))
 
 
@@ -244,6 +261,7 @@ class _Translation:
             else:  # only names of things, numbers and punctuation: nothing to translate
                 self.translations[index] = unit.text
         self.segments = _segments(self.tokenizer, self.layout.units, to_translate, budget)
+        self._segments_left = len(self.segments)
 
     def call(self, source: str, shown_before: str) -> Generator[StreamEvent, None, str]:
         """Stream one translation call; returns the output with the protected spans restored."""
@@ -292,6 +310,10 @@ class _Translation:
         ):
             self.translations.update(zip(segment, lines, strict=True))
             return
+        if self.usage.remaining() < len(segment) + self._segments_left:
+            # No budget to retry line by line: keep the group's output, spread over its lines.
+            self.translations.update(_spread(lines, segment))
+            return
         for index in segment:  # retry line by line, where the repair above applies
             if stopped(self.stop_event):
                 break
@@ -303,6 +325,7 @@ class _Translation:
 
     def run(self, report: Progress) -> Iterator[StreamEvent]:
         for number, segment in enumerate(self.segments):
+            self._segments_left = len(self.segments) - number - 1
             report(
                 number / len(self.segments),
                 f"Translating part {number + 1} of {len(self.segments)}",
