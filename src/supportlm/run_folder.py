@@ -225,7 +225,13 @@ def writing(final_dir: str | os.PathLike) -> Iterator[RunFolder]:
     The app (or anyone) reading `final_dir` meanwhile sees the previous run, never a half-written
     folder; a run that fails leaves the previous folder as it was.
     """
-    with atomic_target(Path(final_dir).expanduser()) as partial:
+    final = Path(final_dir).expanduser()
+    if final.is_dir() and any(final.iterdir()):
+        existing = RunFolder(final)
+        if not (existing.file(RUN_FILE) or existing.is_adapter()):
+            # Replacing removes the old folder: never do that to something that is not a run.
+            raise SupportLMError(f"{final} is not a training run; refusing to replace it.")
+    with atomic_target(final) as partial:
         partial.mkdir(parents=True)
         yield RunFolder(partial)
 

@@ -190,6 +190,13 @@ class TrainingArguments(SFTConfig):
             "outputs/<run name>, e.g. outputs/smollm2-support."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run in a non-empty output_dir (and delete its checkpoints); "
+            "without it such a folder is refused."
+        },
+    )
     # TRL turns activation checkpointing on by default; a 135M-parameter model's activations fit
     # in memory, and recomputing them costs ~30% more time. Set `activation_checkpointing` (the
     # transformers 5 name) to trade that time for memory on bigger models.

@@ -25,6 +25,7 @@ from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.run_folder import RunFolder, update_latest, writing
 from supportlm.train.config import TrainConfig
 from supportlm.train.dataset import PreparedDataset, prepare_dataset
+from supportlm.train.output_dir import prepare_output_dir
 from supportlm.train.run_card import write_output_dir
 from supportlm.train.trainer import StepTimer, SupportLMTrainer, tokenize_examples
 
@@ -52,12 +53,15 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Load the model and data, fine-tune a LoRA adapter, and write the self-describing folder."""
     output_dir = Path(config.training.output_dir)
+    training = config.training
+    resume = prepare_output_dir(
+        output_dir, training.resume_from_checkpoint, training.overwrite_output_dir
+    )
     logger.info("Resolved config:\n%s", yaml.safe_dump(config.to_flat_dict(), sort_keys=False))
     loaded = _load_model(config)
     prepared = _prepare_data(config, loaded)
     trainer, timer = _build_trainer(config, loaded, prepared, output_dir)
-    resume = config.training.resume_from_checkpoint
-    train_output = trainer.train(resume_from_checkpoint=True if resume == "true" else resume)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     metrics = _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics)
     with writing(output_dir) as run:
