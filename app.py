@@ -16,14 +16,16 @@ if importlib.util.find_spec("supportlm") is None:
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
-from supportlm.serve.ui import build_demo
+from supportlm.serve.settings import AppSettings
+from supportlm.serve.ui import build_demo, launch_options
 
 setup_logging()
 try:
-    demo = build_demo()
+    settings = AppSettings.from_env()
+    demo = build_demo(settings.resolve())
 except SupportLMError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.launch(**launch_options(settings))

@@ -372,7 +372,15 @@ class Assistant:
         )
 
     def adapter_report(self) -> tuple[dict[str, Any] | None, Path | None]:
-        """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder)."""
+        """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder).
+
+        A corrupt ``metrics.json`` is logged and left out: the report is not worth a dead app.
+        """
         if self.run is None or not self.run.is_adapter():
             return None, None
-        return self.run.metrics(), self.run.loss_plot()
+        try:
+            metrics = self.run.metrics()
+        except SupportLMError as error:
+            logger.error("Leaving the adapter's metrics out of the About tab: %s", error)
+            metrics = None
+        return metrics, self.run.loss_plot()

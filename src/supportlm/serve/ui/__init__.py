@@ -6,6 +6,9 @@ widgets and events and can be changed without reading the others.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import gradio as gr
 
 from supportlm.engines.base import Engine
@@ -14,8 +17,8 @@ from supportlm.serve.backends import build_engine
 from supportlm.serve.settings import AppSettings, ServingPlan
 from supportlm.serve.ui.about import about_tab
 from supportlm.serve.ui.api import register_api
-from supportlm.serve.ui.chat import chat_tab
-from supportlm.serve.ui.common import max_reply_tokens
+from supportlm.serve.ui.chat import PRIVACY_NOTICE, chat_tab
+from supportlm.serve.ui.common import max_reply_tokens, session_id
 from supportlm.serve.ui.compare import compare_tab
 from supportlm.serve.ui.summarise import summarise_tab
 from supportlm.serve.ui.translate import translate_tab
@@ -34,14 +37,21 @@ def build_demo(
     settings = assistant.settings
     max_reply = max_reply_tokens(assistant.context_length, settings.max_input_tokens)
     tuned = " with a fine-tuned LoRA adapter" if assistant.engine.has_adapter else ""
-    with gr.Blocks(title="supportlm · customer-service assistant", fill_width=False) as demo:
+    # Uploads older than an hour are deleted every hour (each is also deleted once read).
+    with gr.Blocks(
+        title="supportlm · customer-service assistant", fill_width=False, delete_cache=(3600, 3600)
+    ) as demo:
         gr.Markdown(
             f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
             f"Serving **{assistant.engine.description}**."
         )
+        if os.environ.get("SUPPORTLM_HF_OAUTH") == "1":
+            gr.LoginButton()
+        if assistant.feedback_notice:
+            gr.Markdown(f"⚠️ {assistant.feedback_notice}", elem_id="feedback-off")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat_tab(assistant, max_reply)
+                privacy = chat_tab(assistant, max_reply)
             with gr.Tab("Summarise", id="summarise"):
                 summarise_tab(assistant, max_reply)
             with gr.Tab("Translate", id="translate"):
@@ -51,8 +61,18 @@ def build_demo(
             with gr.Tab("About", id="about"):
                 about_tab(assistant)
         register_api(assistant)
+
+        def privacy_notice(request: gr.Request) -> str:
+            return PRIVACY_NOTICE.format(conversation=session_id(request))
+
+        demo.load(privacy_notice, None, privacy, api_visibility="private")
     # The assistant's admission layer bounds generation across all events; Gradio's per-listener
     # limit only caps the worker threads one listener may hold while they wait there.
     limit = assistant.admission.concurrency + assistant.admission.max_queue
     demo.queue(default_concurrency_limit=limit, max_size=settings.max_queue)
     return demo
+
+
+def launch_options(settings: AppSettings) -> dict[str, Any]:
+    """`demo.launch` keywords from the settings: the upload limit and the optional login."""
+    return {"max_file_size": settings.max_upload_bytes, "auth": settings.auth_pairs()}

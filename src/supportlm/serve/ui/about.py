@@ -33,7 +33,7 @@ def about_markdown(assistant: Assistant) -> str:
         f"- **Engine:** {engine.description}",
         f"- **Backend:** {engine.name}",
         f"- **Model:** `{plan.model}`",
-        f"- **Adapter:** `{plan.adapter}` (version `{adapter.version}`)"
+        f"- **Adapter:** `{adapter.name}` (version `{adapter.version}`)"
         if plan.adapter and adapter
         else "- **Adapter:** none",
         f"- **Context window:** {assistant.context_length} tokens; inputs are cut at "

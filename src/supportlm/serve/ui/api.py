@@ -1,7 +1,16 @@
-"""The documented API endpoints (for `gradio_client`): ``/chat``, ``/summarize``, ``/translate``.
+"""The documented API endpoints (for `gradio_client`).
 
 Plain functions registered with `gr.api`, so their contract stays simple whatever the UI shows:
-``/chat`` streams the reply text, ``/summarize`` and ``/translate`` stream strings.
+
+* ``/chat`` streams the reply text; ``/reply`` streams ``{"reply_id", "text", "notices"}``, the
+  reply id being what ``/feedback`` takes;
+* ``/summarize`` and ``/translate`` stream strings;
+* ``/feedback`` stores a like, dislike or correction of a reply the server issued (the one
+  feedback write path: the Chat tab's buttons, this endpoint and the soak bench all end in
+  `Assistant.record_feedback`, with its checks, caps and per-client rate limit).
+
+Every endpoint takes the caller's identity from its request (rate limits, required sign-in), and
+every field is capped by the same `Assistant` as the UI's.
 """
 
 from __future__ import annotations
@@ -12,7 +21,15 @@ import gradio as gr
 
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.chat import chat_events
-from supportlm.serve.ui.common import DEFAULTS, generation_settings, gpu, user_facing
+from supportlm.serve.ui.common import (
+    DEFAULTS,
+    client_id,
+    generation_settings,
+    gpu,
+    session_id,
+    user_errors,
+    user_facing,
+)
 from supportlm.serve.ui.summarise import summary_events
 from supportlm.serve.ui.translate import translation_events
 
@@ -28,47 +45,106 @@ def _texts(updates: Iterator[tuple]) -> Iterator[str]:
         yield ""
 
 
-def register_api(assistant: Assistant) -> None:
-    default_prompt = assistant.system_prompt
+class Endpoints:
+    """The API endpoints of one `Assistant`; each method is one endpoint, named after it."""
 
-    @gpu
+    def __init__(self, assistant: Assistant) -> None:
+        self.assistant = assistant
+
+    def _chat(self, message, history, system_prompt, values, request) -> Iterator[tuple]:
+        return chat_events(
+            self.assistant,
+            message,
+            history,
+            system_prompt,
+            generation_settings(**values),
+            client_id(request),
+            session_id(request),
+        )
+
     def chat(
+        self,
         message: str,
         history: list[dict] | None = None,
-        system_prompt: str = default_prompt,
+        system_prompt: str | None = None,
         temperature: float = DEFAULTS.temperature,
         top_p: float = DEFAULTS.top_p,
         max_new_tokens: int = DEFAULTS.max_new_tokens,
         repetition_penalty: float = DEFAULTS.repetition_penalty,
+        request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[str]:
-        """Answer `message` given the earlier `history` (role/content dicts); streams text."""
-        settings = generation_settings(
+        """Answer `message` given the earlier `history` (role/content dicts); streams text.
+
+        `system_prompt` defaults to the adapter's own.
+        """
+        values = dict(
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             repetition_penalty=repetition_penalty,
         )
-        yield from _texts(chat_events(assistant, message, history, system_prompt, settings))
+        yield from _texts(self._chat(message, history, system_prompt, values, request))
 
-    @gpu
-    def summarize(text: str, style: str = "paragraph", max_new_tokens: int = 192) -> Iterator[str]:
+    def reply(
+        self,
+        message: str,
+        history: list[dict] | None = None,
+        system_prompt: str | None = None,
+        temperature: float = DEFAULTS.temperature,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> Iterator[dict]:
+        """Like /chat, streaming {"reply_id", "text", "notices"}: the id /feedback takes."""
+        values = dict(temperature=temperature, max_new_tokens=max_new_tokens)
+        updates = self._chat(message, history, system_prompt, values, request)
+        for text, caption_text, reply_id in user_facing(updates):
+            yield {"reply_id": reply_id, "text": text, "notices": caption_text.split("<small>")[0]}
+
+    def feedback(
+        self,
+        reply_id: str,
+        kind: str = "like",
+        corrected_answer: str | None = None,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> dict:
+        """Rate a reply the server issued: kind is like, dislike or correction (with the answer)."""
+        record = user_errors(self.assistant.record_feedback)
+        row = record(
+            kind, reply_id, corrected_answer=corrected_answer, client_id=client_id(request)
+        )
+        return {"saved": True, "feedback_id": row}
+
+    def summarize(
+        self,
+        text: str,
+        style: str = "paragraph",
+        max_new_tokens: int = 192,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> Iterator[str]:
         """Summarise `text`: style is paragraph, bullets or action_items; streams text."""
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
-        yield from _texts(summary_events(assistant, text, style, settings))
+        client = client_id(request)
+        yield from _texts(summary_events(self.assistant, text, style, settings, client=client))
 
-    @gpu
     def translate(
+        self,
         text: str,
         target_language: str = "French",
         source_language: str = "auto",
         max_new_tokens: int = 384,
+        request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[str]:
         """Translate `text` into `target_language` (source auto-detected by default)."""
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
-        yield from _texts(
-            translation_events(assistant, text, target_language, source_language, settings)
-        )
+        events = translation_events(
+            self.assistant, text, target_language, source_language, settings, None,
+            client_id(request),
+        )  # fmt: skip
+        yield from _texts(events)
 
-    gr.api(chat, api_name="chat")
-    gr.api(summarize, api_name="summarize")
-    gr.api(translate, api_name="translate")
+
+def register_api(assistant: Assistant) -> None:
+    endpoints = Endpoints(assistant)
+    for name in ("chat", "reply", "summarize", "translate"):
+        gr.api(gpu(getattr(endpoints, name)), api_name=name)
+    gr.api(endpoints.feedback, api_name="feedback")

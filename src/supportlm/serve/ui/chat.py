@@ -20,6 +20,7 @@ from supportlm.serve.ui.common import (
     client_id,
     gpu,
     notify,
+    session_id,
     user_errors,
     user_facing,
 )
@@ -32,6 +33,13 @@ EXAMPLE_QUESTIONS = [
 ]
 
 
+PRIVACY_NOTICE = (
+    "Conversations may be stored, with personal data redacted, to improve the assistant. Tick "
+    "*Don't store this conversation* to opt out; to have a stored conversation erased, quote its "
+    "id: `{conversation}`."
+)
+
+
 def chat_events(
     assistant: Assistant,
     message: str,
@@ -39,18 +47,27 @@ def chat_events(
     system_prompt: str | None,
     settings: GenerationSettings,
     client: str | None = None,
+    conversation: str | None = None,
+    store: bool = True,
 ) -> Iterator[tuple[str, str, str]]:
     """(reply text, caption, reply id) as the reply streams."""
     chat = assistant.chat_request(message, history, system_prompt, settings)
     notices = notify(chat.notices)
-    for event in assistant.chat(chat, settings, client_id=client):
+    events = assistant.chat(
+        chat, settings, client_id=client, conversation_id=conversation, store=store
+    )
+    for event in events:
         yield event.text, caption(event, notices), event.request_id
 
 
-def chat_tab(assistant: Assistant, max_reply: int) -> None:
+def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
+    """The tab's widgets and events; returns the privacy notice, filled in per session on load."""
     with gr.Accordion("Generation settings", open=False):
         controls = GenerationControls(assistant.system_prompt, max_reply)
     reply_ids = gr.State({})
+    opt_out = gr.Checkbox(
+        False, label="Don't store this conversation", elem_id="opt-out", container=False
+    )
     caption_md = gr.Markdown(elem_id="chat-caption", render=False)
     chatbot = gr.Chatbot(
         label="Assistant",
@@ -62,19 +79,37 @@ def chat_tab(assistant: Assistant, max_reply: int) -> None:
 
     @gpu
     def respond(
-        message, history, prompt, temperature, top_p, max_new, penalty, ids, request: gr.Request
+        message,
+        history,
+        prompt,
+        temperature,
+        top_p,
+        max_new,
+        penalty,
+        ids,
+        no_store,
+        request: gr.Request,
     ):
         # Named parameters: Gradio injects `request` by its annotation, which *args would hide.
         prompt, settings = controls.read((prompt, temperature, top_p, max_new, penalty))
         index = len(history or []) + 1  # the reply follows the user's new message
-        events = chat_events(assistant, message, history, prompt, settings, client_id(request))
+        events = chat_events(
+            assistant,
+            message,
+            history,
+            prompt,
+            settings,
+            client_id(request),
+            session_id(request),
+            store=not no_store,
+        )
         for text, caption_text, reply_id in user_facing(events):
             yield text, caption_text, {**ids, index: reply_id}
 
     gr.ChatInterface(
         respond,
         chatbot=chatbot,
-        additional_inputs=[*controls.inputs, reply_ids],
+        additional_inputs=[*controls.inputs, reply_ids, opt_out],
         additional_outputs=[caption_md, reply_ids],
         editable=True,
         examples=[[question] for question in EXAMPLE_QUESTIONS],
@@ -84,46 +119,55 @@ def chat_tab(assistant: Assistant, max_reply: int) -> None:
     )
     caption_md.render()
     with gr.Accordion("Correct the last answer", open=False):
-        correction = gr.Textbox(label="What should the assistant have answered?", lines=3)
+        correction = gr.Textbox(
+            label="What should the assistant have answered?",
+            lines=3,
+            max_length=assistant.settings.max_correction_chars,
+        )
         send_correction = gr.Button("Save correction", size="sm")
-    feedback_status = gr.Markdown(elem_id="feedback-status")
+    feedback_status = gr.Markdown(assistant.feedback_notice or "", elem_id="feedback-status")
+    privacy = gr.Markdown(elem_id="privacy-notice")
     _feedback_events(assistant, chatbot, reply_ids, correction, send_correction, feedback_status)
+    return privacy
 
 
 def _feedback_events(assistant, chatbot, reply_ids, correction, send_correction, status) -> None:
     @user_errors
-    def on_like(ids: dict[int, str], like: gr.LikeData):
+    def on_like(ids: dict[int, str], like: gr.LikeData, request: gr.Request):
         kind = {True: "like", "Like": "like", False: "dislike", "Dislike": "dislike"}.get(
             like.liked
         )
         if kind is None:
             return gr.skip()
-        index = like.index if isinstance(like.index, int) else like.index[0]
-        assistant.record_feedback(kind, _reply_id(ids, index))
+        index = like.index if isinstance(like.index, int) else (like.index or [None])[0]
+        assistant.record_feedback(kind, _reply_id(ids, index), client_id=client_id(request))
         return f"Thanks, your {kind} was saved."
 
-    chatbot.like(on_like, reply_ids, status, api_visibility="undocumented", api_name="like")
+    # Private: not in the API (the documented `/feedback` is); still checked like any input,
+    # since a script can call an event by its index whatever its visibility.
+    chatbot.like(on_like, reply_ids, status, api_visibility="private", api_name="like")
 
     @user_errors
-    def on_correction(history, ids: dict[int, str], answer: str):
-        replies = [i for i, m in enumerate(history or []) if m["role"] == "assistant"]
-        if not replies:
+    def on_correction(ids: dict[int, str], answer: str, request: gr.Request):
+        # The last reply this session was served (server-side state), not the browser's copy.
+        if not ids:
             raise gr.Error("There is no answer to correct yet.")
+        reply_id = ids[max(ids)]
         assistant.record_feedback(
-            "correction", _reply_id(ids, replies[-1]), corrected_answer=answer
+            "correction", reply_id, corrected_answer=answer, client_id=client_id(request)
         )
         return "", "Thanks, your correction was saved."
 
     send_correction.click(
         on_correction,
-        [chatbot, reply_ids, correction],
+        [reply_ids, correction],
         [correction, status],
-        api_visibility="undocumented",
+        api_visibility="private",
         api_name="correct",
     )
 
 
-def _reply_id(ids: dict[int, str], index: int) -> str:
-    if index not in ids:
+def _reply_id(ids: dict[int, str], index: Any) -> str:
+    if not isinstance(index, int) or index not in ids:
         raise gr.Error("Only the assistant's replies in this session can be rated or corrected.")
     return ids[index]

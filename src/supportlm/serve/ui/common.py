@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
@@ -63,10 +66,12 @@ def user_facing(events: Iterator[T]) -> Iterator[T]:
     except SupportLMError as error:
         raise gr.Error(str(error)) from error
     except Exception as error:
-        logger.exception("Generation failed")
+        # The detail (exception text, server paths) goes to the log only; the user gets a
+        # reference to quote, which the log line carries too.
+        reference = uuid.uuid4().hex[:8]
+        logger.exception("Generation failed (reference %s)", reference)
         raise gr.Error(
-            f"Sorry, the model failed to answer ({type(error).__name__}: {error}). "
-            "Please try again."
+            f"Sorry, the model failed to answer. Please try again (reference {reference})."
         ) from error
 
 
@@ -98,10 +103,59 @@ def capped_task_events(
 
 
 def client_id(request: gr.Request | None) -> str | None:
-    """Who is asking, for per-client rate limits: the client's address."""
+    """Who is asking, for per-client rate limits: the signed-in user, else the client's address.
+
+    Every handler that generates or writes calls it, so it is also where a required Hugging Face
+    sign-in (``SUPPORTLM_HF_OAUTH=1`` on a Space with ``hf_oauth: true``) is enforced.
+    """
+    user = signed_in_user(request)
+    if user is None and os.environ.get("SUPPORTLM_HF_OAUTH") == "1":
+        raise gr.Error("Please sign in with Hugging Face first (the button at the top).")
+    if user is not None:
+        return f"user:{user}"
     if request is None or request.client is None:
         return None
     return request.client.host
+
+
+def signed_in_user(request: gr.Request | None) -> str | None:
+    """The user signed in by ``SUPPORTLM_AUTH`` (launch auth) or Hugging Face OAuth, if any."""
+    if request is None:
+        return None
+    if getattr(request, "username", None):
+        return request.username
+    try:  # the session exists only when Gradio installed its OAuth middleware
+        info = request.request.session.get("oauth_info")  # type: ignore[union-attr]
+    except (AttributeError, AssertionError):
+        return None
+    return ((info or {}).get("userinfo") or {}).get("preferred_username")
+
+
+def session_id(request: gr.Request | None) -> str | None:
+    """The browser session, the conversation id stored with its replies (for erasure)."""
+    return getattr(request, "session_hash", None)
+
+
+def read_upload(path: Path, max_bytes: int) -> str:
+    """An uploaded text file's contents, read once and bounded; the upload is deleted after.
+
+    Binary files (a NUL byte, or not UTF-8) and files over `max_bytes` are refused with a
+    message; Gradio's ``max_file_size`` refuses larger ones before they are even stored.
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        path.unlink(missing_ok=True)  # nothing a visitor uploads stays on the server
+    if len(data) > max_bytes:
+        raise SupportLMError(f"The file is larger than {max_bytes // 1000} kB; upload less.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SupportLMError("That file is not UTF-8 text; upload a .txt or .md file.") from error
+    if "\x00" in text:
+        raise SupportLMError("That file is binary, not text; upload a .txt or .md file.")
+    return text
 
 
 def max_reply_tokens(context_length: int, max_input_tokens: int) -> int:

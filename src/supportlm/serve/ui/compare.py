@@ -76,15 +76,15 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
             _vote_handler(assistant, choice),
             reply_ids,
             vote_status,
-            api_visibility="undocumented",
+            api_visibility="private",
             api_name=f"vote_{choice}",
         )
 
 
 def _vote_handler(assistant: Assistant, choice: str):
     @user_errors
-    def vote(ids: tuple[str, str]) -> str:
-        assistant.record_vote(*ids, choice)
+    def vote(ids: tuple[str, str], request: gr.Request) -> str:
+        assistant.record_vote(*ids, choice, client_id=client_id(request))
         return f"Thanks, your vote ({choice.replace('_', ' ')}) was saved."
 
     return vote

@@ -17,6 +17,8 @@ from supportlm.serve.ui.common import (
     generation_settings,
     gpu,
     max_new_tokens_slider,
+    read_upload,
+    user_errors,
     user_facing,
 )
 
@@ -86,15 +88,17 @@ def summarise_tab(assistant: Assistant, max_reply: int) -> None:
             caption_md = gr.Markdown()
     gr.Examples([[EXAMPLE_TICKET, "action_items"]], [text, style])
 
+    @user_errors
     def load_file(path: str | None) -> Any:
         if not path:
             return gr.skip()
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        return read_upload(Path(path), assistant.settings.max_upload_bytes)
 
-    upload.upload(load_file, upload, text, api_visibility="undocumented")
+    upload.upload(load_file, upload, text, api_visibility="private")
 
     def show_token_count(value: str) -> str:
-        count = assistant.count_tokens(value or "")
+        value = (value or "")[: assistant.settings.max_input_chars * 2]  # bounded work
+        count = assistant.count_tokens(value)
         limit = assistant.settings.max_input_tokens
         over = f" (over the {limit}-token limit: it will be cut)" if count > limit else ""
         return f"<small>{count} tokens{over}</small>"
@@ -103,7 +107,7 @@ def summarise_tab(assistant: Assistant, max_reply: int) -> None:
         show_token_count,
         text,
         token_count,
-        api_visibility="undocumented",
+        api_visibility="private",
         show_progress="hidden",
         trigger_mode="always_last",
     )
