@@ -411,3 +411,39 @@ def test_generation_bench_on_the_real_gguf(adapter_dir, cache, tmp_path):
     assert report["merged_vs_unmerged"] == pytest.approx(
         report["app"]["decode_tok_s"] / report["app_unmerged"]["decode_tok_s"]
     )
+
+
+def test_a_failing_adapter_switch_fails_that_request_and_nobody_waits_forever(
+    engine, smollm2_tokenizer, monkeypatch
+):
+    # Issue 9: the request taken off the queue was never finished, so its caller blocked on
+    # `results.get()` forever. Now it gets the error and the engine keeps serving.
+    from supportlm.engines.llamacpp.lanes import Lane
+
+    prompt = chat(smollm2_tokenizer, "Where is my parcel?")
+    expected = answer(engine, prompt, GREEDY, use_adapter=True).text
+
+    def broken_switch(self, on):
+        raise RuntimeError("llama_set_adapters_lora failed with status -1")
+
+    for lane in engine._pool.lanes:  # every lane must switch for the request below
+        assert lane.adapter_on is True or lane.load == 0
+        lane._set_adapter(True)
+    monkeypatch.setattr(Lane, "_set_adapter", broken_switch)
+    outcome = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(_error_of(engine, prompt, use_adapter=False)), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and "llama_set_adapters_lora" in str(outcome[0])
+    monkeypatch.undo()
+    assert answer(engine, prompt, GREEDY, use_adapter=True).text == expected
+
+
+def _error_of(engine, prompt, *, use_adapter):
+    try:
+        answer(engine, prompt, GREEDY, use_adapter=use_adapter)
+    except Exception as error:
+        return error
+    return None

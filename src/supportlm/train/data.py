@@ -16,6 +16,7 @@ Cleaning, length limits and splits are `supportlm.train.dataset`; the report is
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -99,6 +100,9 @@ class LoadStats:
         return self.num_records - self.num_malformed
 
 
+TOO_DEEP = "JSON nested too deeply to be a conversation"
+
+
 class _Malformed(ValueError):
     """A record that cannot become an `Example`; the message is the reason."""
 
@@ -141,10 +145,16 @@ def _read_file(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     JSON Lines and CSV are parsed here rather than with `datasets`, because its JSON and CSV
     loaders fail or silently drop a bad row without saying which line it was on.
     """
+    data = path.read_bytes()
+    # UTF-16 files (as Excel and Windows tools write them) carry a byte-order mark.
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise SupportLMError(f"{name} is not UTF-8 text (byte {exc.start}).") from exc
+        line = data[: exc.start].count(b"\n") + 1
+        raise SupportLMError(
+            f"{name} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8."
+        ) from exc
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(text, name)
@@ -162,6 +172,8 @@ def _read_jsonl(text: str) -> Iterator[tuple[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             record = _Malformed(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except RecursionError:
+            record = _Malformed(TOO_DEEP)
         yield f"line {line_number}", record
 
 
@@ -177,6 +189,9 @@ def _read_json_list(text: str, name: str) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             # Past a syntax error the rest of a JSON list cannot be located, so nothing is skipped.
             raise SupportLMError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg}).") from exc
+        except RecursionError:
+            line = line_number + text.count("\n", counted_up_to, index)
+            raise SupportLMError(f"{name} line {line}: {TOO_DEEP}.") from None
         line_number += text.count("\n", counted_up_to, index)
         counted_up_to = index
         yield f"line {line_number}", record
@@ -189,6 +204,10 @@ def _read_json_list(text: str, name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    # The csv module refuses cells over 131,072 characters by default and stops the whole file;
+    # a long answer is not malformed (`limit_length` deals with length), so the limit is the
+    # file's size: nothing can be longer.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None:
@@ -224,6 +243,8 @@ def _decode_json_columns(row: dict[str, str]) -> dict[str, Any] | _Malformed:
                 row[column] = json.loads(row[column])
             except json.JSONDecodeError as exc:
                 return _Malformed(f"column {column!r} is not a JSON list ({exc.msg})")
+            except RecursionError:
+                return _Malformed(TOO_DEEP)
     return row
 
 
