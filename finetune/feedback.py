@@ -1,0 +1,56 @@
+"""The feedback store from the command line: erase a conversation, purge old rows.
+
+    python finetune/feedback.py erase --conversation ID      # the id shown under the chat
+    python finetune/feedback.py erase --reply REPLY_ID       # the conversation of that reply
+    python finetune/feedback.py purge --days 30              # rows older than 30 days
+
+``--db`` names the store (default: ``SUPPORTLM_FEEDBACK_DB``, else .supportlm/feedback.sqlite3).
+See `supportlm.serve.retention`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import supportlm
+from supportlm.errors import SupportLMError
+from supportlm.serve.feedback import FeedbackStore
+from supportlm.serve.retention import erase_conversation, erase_reply_conversation, purge_older_than
+from supportlm.serve.settings import AppSettings
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", help="the SQLite store; default: the app's")
+    commands = parser.add_subparsers(dest="command", required=True)
+    erase = commands.add_parser("erase", help="delete one conversation's rows")
+    which = erase.add_mutually_exclusive_group(required=True)
+    which.add_argument("--conversation", help="the conversation id shown under the chat")
+    which.add_argument("--reply", help="a reply id of the conversation")
+    purge = commands.add_parser("purge", help="delete rows older than --days")
+    purge.add_argument("--days", type=int, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    supportlm.setup_logging()
+    args = parse_args(argv)
+    try:
+        store = FeedbackStore(args.db or AppSettings.from_env().feedback_db)
+        if args.command == "purge":
+            counts = purge_older_than(store, args.days)
+        elif args.conversation:
+            counts = erase_conversation(store, args.conversation)
+        else:
+            counts = erase_reply_conversation(store, args.reply)
+    except SupportLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("deleted: " + ", ".join(f"{count} {table}" for table, count in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
