@@ -152,9 +152,7 @@ def _read_file(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise SupportLMError(
-            f"{name} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8."
-        ) from exc
+        raise SupportLMError(f"{name} line {line}: not UTF-8 text; save it as UTF-8.") from exc
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(text, name)
@@ -204,9 +202,8 @@ def _read_json_list(text: str, name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    # The csv module refuses cells over 131,072 characters by default and stops the whole file;
-    # a long answer is not malformed (`limit_length` deals with length), so the limit is the
-    # file's size: nothing can be longer.
+    # csv refuses cells over 131,072 characters and stops the whole file; a long answer is not
+    # malformed (`limit_length` deals with length), so the limit is the file's size.
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)

@@ -1,0 +1,22 @@
+"""bench/soak.py on the tiny model: a real app process, concurrent clients, the store checked."""
+
+import json
+import subprocess
+import sys
+
+
+def test_soak_bench_on_the_tiny_model(tiny_chat_model_dir, repo_root, tmp_path):
+    result_file = tmp_path / "soak.json"
+    command = [
+        sys.executable, str(repo_root / "bench" / "soak.py"),
+        "--model", tiny_chat_model_dir, "--backend", "transformers",
+        "--clients", "3", "--duration_s", "12", "--max_new_tokens", "8",
+        "--json", str(result_file),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(result_file.read_text())
+    assert {"requests", "errors", "cross_talk", "lost_feedback_rows", "p95_s"} <= report.keys()
+    assert report["errors"] == 0, report["first_errors"]
+    assert report["cross_talk"] == 0 and report["lost_feedback_rows"] == 0
+    assert report["requests"] >= 6 and report["replies_checked"] >= 1
+    assert report["p95_s"] is not None and report["p95_s"] > 0
