@@ -20,3 +20,22 @@ def test_soak_bench_on_the_tiny_model(tiny_chat_model_dir, repo_root, tmp_path):
     assert report["cross_talk"] == 0 and report["lost_feedback_rows"] == 0
     assert report["requests"] >= 6 and report["replies_checked"] >= 1
     assert report["p95_s"] is not None and report["p95_s"] > 0
+
+
+def test_the_store_check_finds_cross_talk_and_lost_rows(tmp_path, repo_root, monkeypatch):
+    # The bench's zeros mean something only if its check can see a mismatch.
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    from soak import ClientLog, check_store
+
+    from supportlm.serve.feedback import FeedbackStore, ReplyRecord
+
+    store = FeedbackStore(tmp_path / "fb.sqlite3")
+    store.add_reply(ReplyRecord("r1", [{"role": "user", "content": "Hi"}], "Hello there"))
+    store.add_reply(ReplyRecord("r2", [{"role": "user", "content": "Hi"}], "Mail a@b.com"))
+    row = store.add_feedback("like", "r1")
+    good = ClientLog(
+        replies={"r1": "Hello there", "r2": "Mail a@b.com"}, feedback=[(row, "r1", "like")]
+    )
+    assert check_store(store.path, [good]) == (0, 0)
+    swapped = ClientLog(replies={"r1": "Mail a@b.com"}, feedback=[(row + 1, "r1", "like")])
+    assert check_store(store.path, [swapped]) == (1, 1)
