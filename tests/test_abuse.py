@@ -443,3 +443,40 @@ def test_utf16_and_invalid_utf8_dataset_files(tmp_path):
     broken.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\xfa\n")
     with pytest.raises(SupportLMError, match="line 2: not UTF-8"):
         load_examples(broken)
+
+
+def _call_event(url: str, fn_index: int, data: list, session: str) -> list[dict]:
+    """Call a Gradio event by its index over raw HTTP, as a script would; its SSE messages."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        joined = http.post(
+            "gradio_api/queue/join",
+            json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None},
+        )
+        assert joined.status_code == 200, joined.text
+        messages = []
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as sse:
+            for line in sse.iter_lines():
+                if line.startswith("data:"):
+                    messages.append(json.loads(line[5:]))
+                    if messages[-1].get("msg") == "process_completed":
+                        break
+    return messages
+
+
+def test_private_events_called_by_index_are_checked_like_any_input(smollm2_tokenizer, tmp_path):
+    # Hiding an event from the API page is no protection: Gradio runs it by index for anyone.
+    assistant = make_assistant(smollm2_tokenizer, tmp_path)
+    demo = build_demo(assistant=assistant)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        index = next(i for i, fn in demo.fns.items() if fn.api_name == "correct")
+        forged = [{"1": "made-up-reply-id"}, "x" * 1_000_000]  # state is server-side: ignored
+        messages = _call_event(url, index, forged, "attacker-session")
+    finally:
+        demo.close()
+    final = messages[-1]
+    assert final["msg"] == "process_completed" and not final["success"]
+    assert "no answer to correct" in json.dumps(final)
+    assert assistant.feedback.list_feedback() == []
