@@ -480,3 +480,13 @@ def test_private_events_called_by_index_are_checked_like_any_input(smollm2_token
     assert final["msg"] == "process_completed" and not final["success"]
     assert "no answer to correct" in json.dumps(final)
     assert assistant.feedback.list_feedback() == []
+
+
+def test_the_app_purges_rows_past_the_retention_at_start_up(smollm2_tokenizer, tmp_path):
+    assistant = make_assistant(smollm2_tokenizer, tmp_path)
+    chat(assistant)
+    with sqlite3.connect(assistant.feedback.path) as connection:
+        connection.execute("UPDATE replies SET created_at = '2020-01-01T00:00:00+00:00'")
+    assert len(assistant.feedback.list_replies()) == 1
+    restarted = make_assistant(smollm2_tokenizer, tmp_path, retention_days=30)
+    assert restarted.feedback.list_replies() == []

@@ -82,6 +82,7 @@ class Assistant:
         self.feedback = feedback
         self.feedback_rate = RateLimit(self.settings.feedback_rate_limit)
         self._purged_at = -math.inf
+        self._purge_if_due()  # at start-up, then at most hourly as replies are stored
         self.admission = admission or Admission(
             min(self.settings.concurrency, engine.max_concurrency),
             self.settings.max_queue,
@@ -182,16 +183,22 @@ class Assistant:
             yield event
 
     def compare(
-        self, question: str, settings: GenerationSettings, *, client_id: str | None = None
+        self,
+        question: str,
+        settings: GenerationSettings,
+        *,
+        client_id: str | None = None,
+        conversation_id: str | None = None,
     ) -> Iterator[tuple[StreamEvent | None, StreamEvent | None]]:
         """The base model's answer, then the adapter's, to the same prompt: (base, tuned) events."""
         if not self.engine.has_adapter:
             raise SupportLMError("No fine-tuned adapter is loaded, so there is nothing to compare.")
         chat = self.chat_request(question, [], None, settings)
         base = None
-        for base in self.chat(chat, settings, use_adapter=False, client_id=client_id):
+        who = {"client_id": client_id, "conversation_id": conversation_id}
+        for base in self.chat(chat, settings, use_adapter=False, **who):
             yield base, None
-        for tuned in self.chat(chat, settings, use_adapter=True, client_id=client_id):
+        for tuned in self.chat(chat, settings, use_adapter=True, **who):
             yield base, tuned
 
     def _task(
@@ -287,13 +294,11 @@ class Assistant:
         )
         return self._safely(request, lambda: self.feedback.add_reply(record))
 
-    @staticmethod
-    def _safely(request: GenerationRequest, store: Callable[[], Any]) -> bool:
+    def _safely(self, request: GenerationRequest, store: Callable[[], Any]) -> bool:
         """Run `store` for `request`'s reply; a failing store is logged, the reply still served."""
         try:
-            store()
-        except (sqlite3.Error, OSError):
-            logger.exception("Could not store reply %s", request.request_id)
+            self._write(store, f"store reply {request.request_id}")
+        except SupportLMError:
             return False
         return True
 

@@ -11,6 +11,7 @@ from supportlm.serve.ui.common import (
     generation_settings,
     gpu,
     max_new_tokens_slider,
+    session_id,
     user_errors,
     user_facing,
 )
@@ -59,7 +60,9 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
     @gpu
     def compare_ui(text, max_new_tokens, request: gr.Request):
         settings = generation_settings(max_new_tokens=int(max_new_tokens))
-        pairs = assistant.compare(text, settings, client_id=client_id(request))
+        pairs = assistant.compare(
+            text, settings, client_id=client_id(request), conversation_id=session_id(request)
+        )
         for base, tuned in user_facing(pairs):
             ids = (base.request_id if base else "", tuned.request_id if tuned else "")
             yield (base.text if base else ""), (tuned.text if tuned else ""), ids
