@@ -114,6 +114,35 @@ def test_labels_survive_into_the_trainer_batches(tiny_model_dir: str, smollm2_to
     assert "Cancel it" not in supervised and "Order 12345." not in supervised
 
 
+def test_micro_batches_with_accumulation_take_the_same_step_as_one_batch(tiny_model_dir, tmp_path):
+    # Issue 10, part 2: the default trains batches of 8 as 8 micro-batches of 1 (a fifth of the
+    # memory); the optimizer step must be the one a batch of 8 takes.
+    def adapter_after_one_step(batch: int, accumulation: int) -> dict:
+        output_dir = tmp_path / f"b{batch}"
+        # SGD: its step scales with the gradient (Adam's first step would hide a wrong scale).
+        flags = [
+            "--max_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--lora_dropout",
+            "0",
+            "--optim",
+            "sgd",
+        ]
+        flags += ["--per_device_train_batch_size", str(batch)]
+        flags += ["--gradient_accumulation_steps", str(accumulation), "--warmup_steps", "0"]
+        train(parse_config(tiny_args(tiny_model_dir, output_dir, *flags)))
+        return load_file(output_dir / "adapter_model.safetensors")
+
+    one_batch, micro_batches = adapter_after_one_step(8, 1), adapter_after_one_step(1, 8)
+    assert one_batch.keys() == micro_batches.keys()
+    changed = [k for k in one_batch if "lora_B" in k and one_batch[k].abs().sum() > 0]
+    assert changed
+    for name in one_batch:
+        torch.testing.assert_close(micro_batches[name], one_batch[name], rtol=1e-3, atol=1e-5)
+
+
 def random_batch(vocab_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (3, 12), generator=generator)
