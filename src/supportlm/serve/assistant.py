@@ -15,6 +15,7 @@ it per browser session), so two users' conversations cannot mix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, GenerationRequest, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.placeholders import ShopDetails
 from supportlm.prompts import encode_chat, fit_messages, with_system_prompt
 from supportlm.run_folder import PromptStyle, RunFolder
 from supportlm.serve.admission import Admission, RateLimit
@@ -76,6 +78,7 @@ class Assistant:
         self.run = RunFolder(plan.adapter) if plan.adapter else None
         style = self.run.prompt_style() if self.run else PromptStyle.default()
         self.system_prompt = system_prompt or style.system_prompt
+        self.shop = ShopDetails.load(self.settings.shop)
         self.feedback_notice: str | None = None
         if feedback is None:
             feedback, self.feedback_notice = open_store(self.settings.feedback_db)
@@ -172,7 +175,9 @@ class Assistant:
         """
         request = self.engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
         stored = None if store and self.feedback is not None else False
-        for event in self._admitted(self.engine.stream(request), client_id):
+        for raw in self._admitted(self.engine.stream(request), client_id):
+            # What the customer sees (and what is stored): placeholders filled or asked for.
+            event = dataclasses.replace(raw, text=self.shop.fill(raw.text, final=raw.finished))
             if stored is None:  # tried once, at the first event: a failing store costs one try
                 stored = self._store_reply(chat, request, event, conversation_id)
             elif event.finished and stored:

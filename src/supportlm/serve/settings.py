@@ -64,6 +64,12 @@ class AppSettings:
         help="SQLite file for replies, likes, corrections, votes.",
         default_factory=default_feedback_path,
     )
+    shop: Path | None = _setting(  # noqa: RUF009 (returns a dataclasses.field)
+        "SUPPORTLM_SHOP",
+        None,
+        "YAML file of the shop's details that fill {{placeholders}} in answers; default "
+        "data/shop.yaml (the bundled shop).",
+    )
     max_input_chars: int = _setting("SUPPORTLM_MAX_INPUT_CHARS", 4000, "longer inputs are cut.")
     max_input_tokens: int = _setting("SUPPORTLM_MAX_INPUT_TOKENS", 1024, "longer inputs are cut.")
     max_history_messages: int = _setting(

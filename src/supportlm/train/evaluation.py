@@ -30,6 +30,7 @@ from supportlm.engines.base import GenerationSettings
 from supportlm.engines.transformers import TransformersEngine
 from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, adapter_base_model, load_model
+from supportlm.placeholders import ShopDetails, raw_placeholders
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_prompt
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
 from supportlm.train.data import DEFAULT_DATASET, Example
@@ -170,8 +171,13 @@ def _scores(
     latencies: list[float],
     new_tokens: list[int],
 ) -> dict[str, float]:
+    shop = ShopDetails.load()
     return {
         **text_metrics(answers, references),
+        # Raw {{placeholders}} as generated, and left after the app's filling (target 0).
+        "raw_placeholder_share": sum(bool(raw_placeholders(a)) for a in answers) / len(answers),
+        "raw_placeholder_share_filled": sum(bool(raw_placeholders(shop.fill(a))) for a in answers)
+        / len(answers),
         "perplexity": pooled_perplexity(nll),
         **latency_summary(latencies),
         # Latency grows with answer length: this tells a faster model from a terser one.
