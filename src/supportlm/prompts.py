@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,14 @@ def load_prompt_style(directory: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def intent_messages(
+    question: str, labels: Sequence[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT
+) -> list[Message]:
+    """The intent question: which of `labels` the customer's message is about, name only."""
+    request = (
+        "Which intent does this customer message have? Answer with one intent name from this "
+        f"list and nothing else: {', '.join(labels)}.\n\nMessage:\n{question}"
+    )
+    return with_system_prompt([{"role": "user", "content": request}], system_prompt)

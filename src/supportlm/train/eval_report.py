@@ -40,6 +40,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += _metric_table(base, tuned)
+    if report.get("intent_baseline"):
+        scores = report["intent_baseline"]
+        lines += [
+            "",
+            "Intent baseline (TF-IDF + logistic regression on the training split's questions): "
+            f"accuracy {scores['intent_accuracy']:.3f}, macro recall "
+            f"{scores['intent_macro_recall']:.3f}, macro F1 {scores['intent_macro_f1']:.3f}.",
+        ]
     for task, scores in report["by_task"].items():
         count = scores["n_examples"]
         lines += ["", f"## Task: {task} ({count} example{'s' if count != 1 else ''})", ""]
@@ -110,4 +118,15 @@ def write_report(report: dict[str, Any], output: str | Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
     plot_report(report, paths["plot"])
+    intents = report.get("intents")
+    if intents:
+        from supportlm.train.intent_eval import plot_confusion
+
+        variant = "tuned" if "tuned" in intents["predictions"] else "base"
+        paths["intents"] = plot_confusion(
+            intents["truth"],
+            intents["predictions"][variant],
+            output.with_name(output.stem + "-intents.png"),
+            f"Intents named by the {variant} model",
+        )
     return paths

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
 from supportlm.train.data import DEFAULT_DATASET, Example
 from supportlm.train.dataset import prepare_dataset, sample_examples
 from supportlm.train.evaluation_args import EvaluationArguments
+from supportlm.train.intent_eval import intent_report
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class EvaluationData:
     reason: str
     max_seq_length: int
     num_available: int
+    #: The training split, for the intent baseline (TF-IDF + logistic regression).
+    train_examples: list[Example] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +153,7 @@ def select_data(
         reason=reason,
         max_seq_length=data_args["max_seq_length"],
         num_available=available,
+        train_examples=prepared.splits["train"],
     )
 
 
@@ -314,7 +318,13 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
         batch_size=args.batch_size,
         num_shown=args.num_shown,
     )
+    intents = intent_report(loaded, data.train_examples, data.examples, system_prompt)
+    for variant in ("base", "tuned"):
+        if intents and result[variant] is not None:
+            result[variant].update(intents["scores"][variant])
     return {
+        "intent_baseline": intents["scores"]["baseline"] if intents else None,
+        "intents": intents,
         "base": result["base"],
         "tuned": result["tuned"],
         "n_examples": len(data.examples),
