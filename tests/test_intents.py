@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from supportlm.errors import SupportLMError
 from supportlm.intents import canonical_intent, intent_labels, parse_intent
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.train.dataset import prepare_dataset
@@ -73,3 +74,26 @@ def test_evaluate_reports_intents_and_plots_the_confusion_matrix(tiny_model_dir,
     assert report["intents"]["labels"] and len(report["intents"]["truth"]) <= 8
     assert "raw_placeholder_share" in report["base"]
     assert (tmp_path / "eval-intents.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_intent_questions_join_the_training_split_only(smollm2_tokenizer):
+    def prepare(share):
+        return prepare_dataset(
+            "data/customer_support.jsonl",
+            smollm2_tokenizer,
+            system_prompt=DEFAULT_SYSTEM_PROMPT,
+            max_seq_length=512,
+            intent_share=share,
+        ).splits
+
+    plain, mixed = prepare(0.0), prepare(0.5)
+    assert mixed["validation"] == plain["validation"] and mixed["test"] == plain["test"]
+    added = mixed["train"][len(plain["train"]) :]
+    named = len(intent_examples(plain["train"]))
+    assert len(added) == round(0.5 * named) and all(e.meta["task"] == "intent" for e in added)
+    labels = intent_labels(e.meta.get("intent") for e in plain["train"])
+    for example in added:
+        question, answer = example.messages
+        assert "Which intent" in question["content"] and answer["content"] in labels
+    with pytest.raises(SupportLMError, match="intent_share"):
+        prepare(1.5)

@@ -334,8 +334,13 @@ def intent_messages(
     question: str, labels: Sequence[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT
 ) -> list[Message]:
     """The intent question: which of `labels` the customer's message is about, name only."""
-    request = (
+    return with_system_prompt([intent_request(question, labels)], system_prompt)
+
+
+def intent_request(question: str, labels: Sequence[str]) -> Message:
+    """The user turn of the intent question (training examples and evaluation use the same)."""
+    content = (
         "Which intent does this customer message have? Answer with one intent name from this "
         f"list and nothing else: {', '.join(labels)}.\n\nMessage:\n{question}"
     )
-    return with_system_prompt([{"role": "user", "content": request}], system_prompt)
+    return {"role": "user", "content": content}

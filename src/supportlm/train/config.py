@@ -104,6 +104,13 @@ class DataArguments:
     test_ratio: float = field(
         default=0.1, metadata={"help": "Share of questions held out for finetune/evaluate.py."}
     )
+    intent_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "For this share of the training conversations that name an intent, also train "
+            "the intent question (answer: the intent name); evaluate.py scores it."
+        },
+    )
     strict: bool = field(
         default=False,
         metadata={"help": "Fail on the first malformed record instead of skipping it."},

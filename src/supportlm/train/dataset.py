@@ -214,6 +214,35 @@ class PreparedDataset:
     report: DataReport
 
 
+def intent_questions(examples: list[Example], share: float) -> list[Example]:
+    """Intent-classification examples for `share` of the conversations that name an intent.
+
+    Each asks the intent question of a conversation's first customer message (worded by
+    `supportlm.prompts.intent_request`, as evaluation asks it) and answers with the intent name,
+    so the tuned model learns to name intents. Only ever added to the training split.
+    """
+    from supportlm.intents import canonical_intent, intent_labels
+    from supportlm.prompts import intent_request
+
+    if not 0 <= share <= 1:
+        raise SupportLMError(f"intent_share must be between 0 and 1, got {share}.")
+    labels = intent_labels(e.meta.get("intent") for e in examples)
+    named = [e for e in examples if canonical_intent(e.meta.get("intent") or "") in labels]
+    if share <= 0 or not named:
+        return []
+    chosen = sample_examples(named, max(1, round(share * len(named))))
+    return [
+        Example(
+            messages=[
+                intent_request(e.first_user_message, labels),
+                {"role": "assistant", "content": canonical_intent(e.meta["intent"])},
+            ],
+            meta={"task": "intent", "intent": e.meta["intent"]},
+        )
+        for e in chosen
+    ]
+
+
 def prepare_dataset(
     source: str | Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -224,6 +253,7 @@ def prepare_dataset(
     test_ratio: float = 0.1,
     strict: bool = False,
     max_examples: int | None = None,
+    intent_share: float = 0.0,
 ) -> PreparedDataset:
     """Load, clean, (optionally) sample and split `source`, and describe it in a `DataReport`.
 
@@ -241,6 +271,11 @@ def prepare_dataset(
     examples = limit_length(examples, clean_stats, tokenizer, system_prompt, max_seq_length)
     _check_not_empty(examples, clean_stats, max_seq_length)
     splits = split_examples(examples, validation_ratio=validation_ratio, test_ratio=test_ratio)
+    if intent_share:
+        extra = intent_questions(splits["train"], intent_share)
+        extra = limit_length(extra, clean_stats, tokenizer, system_prompt, max_seq_length)
+        splits["train"] = splits["train"] + extra
+        logger.info("Added %d intent questions to the training split.", len(extra))
     report = DataReport.build(
         load_stats, clean_stats, splits, max_seq_length=max_seq_length, not_sampled=not_sampled
     )

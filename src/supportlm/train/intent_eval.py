@@ -16,6 +16,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 from sklearn.pipeline import make_pipeline
+from tqdm import tqdm
 
 from supportlm.intents import canonical_intent, intent_labels
 
@@ -67,7 +68,7 @@ def model_intents(
     engine = TransformersEngine.from_loaded(loaded)
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
     predicted = []
-    for example in examples:
+    for example in tqdm(examples, desc="Intents", unit="example"):
         messages = intent_messages(question_of(example), labels, system_prompt)
         prompt_ids = encode_chat(loaded.tokenizer, messages)
         answer = engine.generate(engine.request(prompt_ids, settings, use_adapter=tuned)).text

@@ -107,6 +107,7 @@ def _prepare_data(config: TrainConfig, loaded: LoadedModel) -> PreparedDataset:
         test_ratio=data_args.test_ratio,
         strict=data_args.strict,
         max_examples=data_args.max_examples,
+        intent_share=data_args.intent_share,
     )
     logger.info("Data report:\n%s", prepared.report.to_markdown())
     return prepared
