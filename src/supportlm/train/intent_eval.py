@@ -8,6 +8,7 @@ questions: what a team would get without a language model, side by side.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,15 @@ def intent_scores(truth: Sequence[str], predicted: Sequence[str | None]) -> dict
     """Accuracy, macro recall and macro F1 over the true labels (an unreadable answer is wrong)."""
     predicted = [p or UNKNOWN for p in predicted]
     macro = {"labels": sorted(set(truth)), "average": "macro", "zero_division": 0}
+    with warnings.catch_warnings():  # "more classes than half the samples": true of small tests
+        warnings.simplefilter("ignore", UserWarning)
+        scores = {
+            "intent_accuracy": accuracy_score(truth, predicted),
+            "intent_macro_recall": recall_score(truth, predicted, **macro),
+            "intent_macro_f1": f1_score(truth, predicted, **macro),
+        }
     return {
-        "intent_accuracy": accuracy_score(truth, predicted),
-        "intent_macro_recall": recall_score(truth, predicted, **macro),
-        "intent_macro_f1": f1_score(truth, predicted, **macro),
+        **scores,
         "intent_n": len(truth),
     }
 
