@@ -20,7 +20,7 @@ guarantee: names and street addresses, for instance, are kept.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import phonenumbers
@@ -56,16 +56,6 @@ _REFERENCE_WORD = re2.compile(
 )
 
 
-def _sub(pattern: Any, text: str, replace: Callable[[Any], str]) -> str:
-    """`pattern.sub` with a function, written out because RE2 has no look-behind (see callers)."""
-    pieces, position = [], 0
-    for match in pattern.finditer(text):
-        pieces += [text[position : match.start()], replace(match)]
-        position = match.end()
-    pieces.append(text[position:])
-    return "".join(pieces)
-
-
 def _is_word(text: str, index: int) -> bool:
     return 0 <= index < len(text) and (text[index].isalnum() or text[index] == "_")
 
@@ -97,7 +87,7 @@ def _cards(text: str) -> str:
             position, first = groups[last][1], last + 1
         return "".join([*pieces, run[position:]])
 
-    return _sub(_DIGIT_GROUPS, text, replace)
+    return _DIGIT_GROUPS.sub(replace, text)
 
 
 def _card_end(run: str, groups: list[tuple[int, int]], first: int) -> int | None:
@@ -156,14 +146,14 @@ def redact(text: str, *, regions: Sequence[str] = PHONE_REGIONS) -> str:
     >>> redact("my password is hunter2, card #4111111111111111")
     'my password is [PASSWORD], card #[CARD]'
     """
-    text = _sub(_SECRET, text, lambda m: "[SECRET]")
-    text = _sub(_PASSWORD, text, lambda m: m.group(1) + "[PASSWORD]")
-    text = _sub(_EMAIL, text, lambda m: "[EMAIL]")
-    text = _sub(_IBAN, text, _iban)
-    text = _sub(_SSN, text, lambda m: "[SSN]" if ssn.is_valid(m.group()) else m.group())
+    text = _SECRET.sub("[SECRET]", text)
+    text = _PASSWORD.sub(lambda m: m.group(1) + "[PASSWORD]", text)
+    text = _EMAIL.sub("[EMAIL]", text)
+    text = _IBAN.sub(_iban, text)
+    text = _SSN.sub(lambda m: "[SSN]" if ssn.is_valid(m.group()) else m.group(), text)
     text = _cards(text)
-    text = _sub(_IPV4, text, _ip)
-    text = _sub(_IPV6, text, _ip)
+    text = _IPV4.sub(_ip, text)
+    text = _IPV6.sub(_ip, text)
     return _phones(text, regions)
 
 

@@ -16,6 +16,7 @@ never saw it), its test split when it is (the rest was trained on). ``--split`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from contextlib import nullcontext
@@ -168,6 +169,12 @@ def _adapter_switch(loaded: LoadedModel, use_adapter: bool):
     return loaded.model.disable_adapter()
 
 
+@functools.cache
+def _shop() -> ShopDetails:
+    """The bundled shop's details, read once for every score table of a report."""
+    return ShopDetails.load()
+
+
 def _scores(
     answers: list[str],
     references: list[str],
@@ -175,7 +182,7 @@ def _scores(
     latencies: list[float],
     new_tokens: list[int],
 ) -> dict[str, float]:
-    shop = ShopDetails.load()
+    shop = _shop()
     return {
         **text_metrics(answers, references),
         # Raw {{placeholders}} as generated, and left after the app's filling (target 0).

@@ -24,11 +24,6 @@ from supportlm.intents import canonical_intent, intent_labels
 UNKNOWN = "(none)"
 
 
-def question_of(example: Any) -> str:
-    """The customer's first message: what an intent is read from."""
-    return next(m["content"] for m in example.messages if m["role"] == "user")
-
-
 def intent_examples(examples: Sequence[Any]) -> list[Any]:
     """The examples with a customer intent (not a summarise/translate task)."""
     known = set(intent_labels(e.meta.get("intent") for e in examples))
@@ -58,8 +53,10 @@ def baseline_predictions(train: Sequence[Any], test: Sequence[Any]) -> list[str]
         TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
         LogisticRegression(max_iter=2000, C=10.0),
     )
-    model.fit([question_of(e) for e in train], [canonical_intent(e.meta["intent"]) for e in train])
-    return list(model.predict([question_of(e) for e in test]))
+    model.fit(
+        [e.first_user_message for e in train], [canonical_intent(e.meta["intent"]) for e in train]
+    )
+    return list(model.predict([e.first_user_message for e in test]))
 
 
 def model_intents(
@@ -75,7 +72,7 @@ def model_intents(
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
     predicted = []
     for example in tqdm(examples, desc="Intents", unit="example"):
-        messages = intent_messages(question_of(example), labels, system_prompt)
+        messages = intent_messages(example.first_user_message, labels, system_prompt)
         prompt_ids = encode_chat(loaded.tokenizer, messages)
         answer = engine.generate(engine.request(prompt_ids, settings, use_adapter=tuned)).text
         predicted.append(parse_intent(answer, labels))
@@ -87,8 +84,8 @@ def intent_report(
 ) -> dict[str, Any] | None:
     """Intent scores of base, tuned (with an adapter) and the baseline; None without intents."""
     test = intent_examples(test)
-    asked = {question_of(e) for e in test}  # never train the baseline on a test question
-    train = [e for e in intent_examples(train) if question_of(e) not in asked]
+    asked = {e.first_user_message for e in test}  # never train the baseline on a test question
+    train = [e for e in intent_examples(train) if e.first_user_message not in asked]
     if not test or not train:
         return None
     labels = intent_labels(e.meta["intent"] for e in [*train, *test])
