@@ -490,3 +490,11 @@ def test_the_app_purges_rows_past_the_retention_at_start_up(smollm2_tokenizer, t
     assert len(assistant.feedback.list_replies()) == 1
     restarted = make_assistant(smollm2_tokenizer, tmp_path, retention_days=30)
     assert restarted.feedback.list_replies() == []
+
+
+def test_a_required_hugging_face_sign_in_refuses_anonymous_requests():
+    from supportlm.serve.ui.common import client_id
+
+    with pytest.raises(gr.Error, match="sign in with Hugging Face"):
+        client_id(None, AppSettings(hf_oauth=1))
+    assert client_id(None, AppSettings()) is None

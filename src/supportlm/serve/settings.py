@@ -105,6 +105,9 @@ class AppSettings:
     auth: str | None = _setting(
         "SUPPORTLM_AUTH", None, "'user:password' (comma-separated pairs) to require a login."
     )
+    hf_oauth: int = _setting(
+        "SUPPORTLM_HF_OAUTH", 0, "1: require a Hugging Face sign-in (a Space with hf_oauth: true)."
+    )
     context_length: int = _setting("SUPPORTLM_CONTEXT_LENGTH", 2048, "prompt + reply tokens.")
     llamacpp_weights: str = _setting(
         "SUPPORTLM_LLAMACPP_WEIGHTS",
@@ -145,6 +148,7 @@ class AppSettings:
             "rate_limit",
             "feedback_rate_limit",
             "retention_days",
+            "hf_oauth",
             "llamacpp_threads",
             "llamacpp_lanes",
         ):

@@ -6,7 +6,6 @@ widgets and events and can be changed without reading the others.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gradio as gr
@@ -45,7 +44,7 @@ def build_demo(
             f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
             f"Serving **{assistant.engine.description}**."
         )
-        if os.environ.get("SUPPORTLM_HF_OAUTH") == "1":
+        if settings.hf_oauth:
             gr.LoginButton()
         if assistant.feedback_notice:
             gr.Markdown(f"⚠️ {assistant.feedback_notice}", elem_id="feedback-off")

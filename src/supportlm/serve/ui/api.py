@@ -58,7 +58,7 @@ class Endpoints:
             history,
             system_prompt,
             generation_settings(**values),
-            client_id(request),
+            client_id(request, self.assistant.settings),
             session_id(request),
         )
 
@@ -110,7 +110,10 @@ class Endpoints:
         """Rate a reply the server issued: kind is like, dislike or correction (with the answer)."""
         record = user_errors(self.assistant.record_feedback)
         row = record(
-            kind, reply_id, corrected_answer=corrected_answer, client_id=client_id(request)
+            kind,
+            reply_id,
+            corrected_answer=corrected_answer,
+            client_id=client_id(request, self.assistant.settings),
         )
         return {"saved": True, "feedback_id": row}
 
@@ -123,7 +126,7 @@ class Endpoints:
     ) -> Iterator[str]:
         """Summarise `text`: style is paragraph, bullets or action_items; streams text."""
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
-        client = client_id(request)
+        client = client_id(request, self.assistant.settings)
         yield from _texts(summary_events(self.assistant, text, style, settings, client=client))
 
     def translate(
@@ -138,7 +141,7 @@ class Endpoints:
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         events = translation_events(
             self.assistant, text, target_language, source_language, settings, None,
-            client_id(request),
+            client_id(request, self.assistant.settings),
         )  # fmt: skip
         yield from _texts(events)
 

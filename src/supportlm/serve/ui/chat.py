@@ -99,7 +99,7 @@ def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
             history,
             prompt,
             settings,
-            client_id(request),
+            client_id(request, assistant.settings),
             session_id(request),
             store=not no_store,
         )
@@ -140,7 +140,9 @@ def _feedback_events(assistant, chatbot, reply_ids, correction, send_correction,
         if kind is None:
             return gr.skip()
         index = like.index if isinstance(like.index, int) else (like.index or [None])[0]
-        assistant.record_feedback(kind, _reply_id(ids, index), client_id=client_id(request))
+        assistant.record_feedback(
+            kind, _reply_id(ids, index), client_id=client_id(request, assistant.settings)
+        )
         return f"Thanks, your {kind} was saved."
 
     # Private: not in the API (the documented `/feedback` is); still checked like any input,
@@ -154,7 +156,10 @@ def _feedback_events(assistant, chatbot, reply_ids, correction, send_correction,
             raise gr.Error("There is no answer to correct yet.")
         reply_id = ids[max(ids)]
         assistant.record_feedback(
-            "correction", reply_id, corrected_answer=answer, client_id=client_id(request)
+            "correction",
+            reply_id,
+            corrected_answer=answer,
+            client_id=client_id(request, assistant.settings),
         )
         return "", "Thanks, your correction was saved."
 

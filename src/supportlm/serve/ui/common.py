@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import gradio as gr
 
 from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.serve.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,14 @@ def capped_task_events(
         yield event.text, caption(event, notices)
 
 
-def client_id(request: gr.Request | None) -> str | None:
+def client_id(request: gr.Request | None, settings: AppSettings) -> str | None:
     """Who is asking, for per-client rate limits: the signed-in user, else the client's address.
 
     Every handler that generates or writes calls it, so it is also where a required Hugging Face
     sign-in (``SUPPORTLM_HF_OAUTH=1`` on a Space with ``hf_oauth: true``) is enforced.
     """
     user = signed_in_user(request)
-    if user is None and os.environ.get("SUPPORTLM_HF_OAUTH") == "1":
+    if user is None and settings.hf_oauth:
         raise gr.Error("Please sign in with Hugging Face first (the button at the top).")
     if user is not None:
         return f"user:{user}"

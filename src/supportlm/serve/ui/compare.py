@@ -61,7 +61,10 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
     def compare_ui(text, max_new_tokens, request: gr.Request):
         settings = generation_settings(max_new_tokens=int(max_new_tokens))
         pairs = assistant.compare(
-            text, settings, client_id=client_id(request), conversation_id=session_id(request)
+            text,
+            settings,
+            client_id=client_id(request, assistant.settings),
+            conversation_id=session_id(request),
         )
         for base, tuned in user_facing(pairs):
             ids = (base.request_id if base else "", tuned.request_id if tuned else "")
@@ -87,7 +90,7 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
 def _vote_handler(assistant: Assistant, choice: str):
     @user_errors
     def vote(ids: tuple[str, str], request: gr.Request) -> str:
-        assistant.record_vote(*ids, choice, client_id=client_id(request))
+        assistant.record_vote(*ids, choice, client_id=client_id(request, assistant.settings))
         return f"Thanks, your vote ({choice.replace('_', ' ')}) was saved."
 
     return vote

@@ -115,7 +115,9 @@ def summarise_tab(assistant: Assistant, max_reply: int) -> None:
     @gpu
     def summarize_ui(value, style_key, max_new_tokens, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         settings = generation_settings(max_new_tokens=int(max_new_tokens))
-        events = summary_events(assistant, value, style_key, settings, progress, client_id(request))
+        events = summary_events(
+            assistant, value, style_key, settings, progress, client_id(request, assistant.settings)
+        )
         yield from user_facing(events)
 
     button.click(

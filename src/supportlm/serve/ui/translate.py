@@ -81,7 +81,7 @@ def translate_tab(assistant: Assistant, max_reply: int) -> None:
             source_language,
             settings,
             progress,
-            client_id(request),
+            client_id(request, assistant.settings),
         )
         yield from user_facing(events)
 
