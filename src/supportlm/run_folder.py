@@ -100,6 +100,10 @@ class RunFolder:
     def is_adapter(self) -> bool:
         return self.file(ADAPTER_CONFIG) is not None
 
+    def is_run(self) -> bool:
+        """A folder this project wrote (a run record or an adapter): replacing it loses no more."""
+        return self.file(RUN_FILE) is not None or self.is_adapter()
+
     # -- reading ------------------------------------------------------------------------------
 
     def _json(self, name: str) -> dict[str, Any] | None:
@@ -226,11 +230,9 @@ def writing(final_dir: str | os.PathLike) -> Iterator[RunFolder]:
     folder; a run that fails leaves the previous folder as it was.
     """
     final = Path(final_dir).expanduser()
-    if final.is_dir() and any(final.iterdir()):
-        existing = RunFolder(final)
-        if not (existing.file(RUN_FILE) or existing.is_adapter()):
-            # Replacing removes the old folder: never do that to something that is not a run.
-            raise SupportLMError(f"{final} is not a training run; refusing to replace it.")
+    # Replacing removes the old folder: never do that to something that is not a run.
+    if final.is_dir() and any(final.iterdir()) and not RunFolder(final).is_run():
+        raise SupportLMError(f"{final} is not a training run; refusing to replace it.")
     with atomic_target(final) as partial:
         partial.mkdir(parents=True)
         yield RunFolder(partial)

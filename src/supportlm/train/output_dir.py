@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from supportlm.errors import SupportLMError
-from supportlm.run_folder import RUN_FILE, RunFolder
+from supportlm.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,9 @@ def _is_used(folder: Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
-def _is_run(folder: Path) -> bool:
-    """A folder this project wrote (a run record or an adapter), so replacing it loses no more."""
-    return (folder / RUN_FILE).is_file() or RunFolder(folder).is_adapter()
-
-
 def prepare_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:
     """Check the run's folders; returns the checkpoint to resume from, if any."""
-    if _is_used(output_dir) and not _is_run(output_dir):
+    if _is_used(output_dir) and not RunFolder(output_dir).is_run():
         raise SupportLMError(
             f"{output_dir} is not empty and is not a training run, so it cannot be written "
             "(the run folder replaces it whole); choose a new --output_dir."
