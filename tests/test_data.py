@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from supportlm.train.dataset import (
     prepare_dataset,
     sample_examples,
     split_examples,
+    stratified_sample,
 )
 
 BITEXT_CSV = Path("/work/shared/data/bitext-customer-support/train.csv")
@@ -430,6 +432,25 @@ def test_sample_examples_is_deterministic_and_keeps_file_order():
     positions = [examples.index(e) for e in sample]
     assert positions == sorted(positions)
     assert positions != list(range(10))
+
+
+def test_stratified_sample_keeps_each_intent_in_proportion_and_is_fixed():
+    examples = []
+    for intent, count in (("refund", 60), ("cancel_order", 30), ("delivery", 9), ("rare", 1)):
+        for i in range(count):
+            examples.append(exchange(f"{intent} question {i}?", f"answer {i}"))
+            examples[-1].meta["intent"] = intent
+    sample = stratified_sample(examples, 20)
+    counts = Counter(e.meta["intent"] for e in sample)
+    assert len(sample) == 20
+    assert counts["refund"] == 12 and counts["cancel_order"] == 6  # 60 % and 30 % of 20
+    assert 1 <= counts["delivery"] <= 2 and counts["rare"] <= 1
+    shuffled = examples[:]
+    random.Random(3).shuffle(shuffled)
+    assert {id(e) for e in stratified_sample(shuffled, 20)} == {id(e) for e in sample}
+    positions = [examples.index(e) for e in sample]
+    assert positions == sorted(positions)
+    assert stratified_sample(examples, 500) == examples
 
 
 # --- the whole pipeline and its report ---------------------------------------------------------

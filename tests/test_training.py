@@ -300,6 +300,28 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
     assert "SUPPORTLM_ADAPTER=" in (folder / "README.md").read_text()
 
 
+def test_evaluations_score_a_fixed_sample_and_the_last_one_is_not_repeated(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    calls, losses = [], []
+    evaluate = SupportLMTrainer.evaluate
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(self.eval_dataset))
+        metrics = evaluate(self, *args, **kwargs)
+        losses.append(metrics["eval_loss"])
+        return metrics
+
+    monkeypatch.setattr(SupportLMTrainer, "evaluate", counting)
+    argv = tiny_args(tiny_model_dir, tmp_path / "run", "--max_steps", "6")
+    result = train(parse_config([*argv, "--max_eval_examples", "3"]))
+    # Evaluations at steps 3 and 6 only: metrics.json takes the best one's loss, not a third pass.
+    assert calls == [3, 3]
+    metrics = result.metrics
+    assert metrics["eval_examples"] == 3 < metrics["dataset_sizes"]["validation"]
+    assert metrics["eval_loss"] == min(losses)
+
+
 def test_the_run_folder_loads_with_plain_peft(tiny_run, tiny_model_dir: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

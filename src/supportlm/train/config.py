@@ -111,6 +111,14 @@ class DataArguments:
             "the intent question (answer: the intent name); evaluate.py scores it."
         },
     )
+    max_eval_examples: int | None = field(
+        default=128,
+        metadata={
+            "help": "Validation conversations scored at each evaluation: a fixed sample, "
+            "stratified by intent (the same questions every time, so evaluations compare "
+            "checkpoints on equal terms). Unset (or 0): the whole validation split."
+        },
+    )
     strict: bool = field(
         default=False,
         metadata={"help": "Fail on the first malformed record instead of skipping it."},
@@ -131,6 +139,10 @@ class DataArguments:
         if self.max_seq_length < 16:
             raise SupportLMError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
         check_ratios(self.validation_ratio, self.test_ratio)
+        if self.max_eval_examples is not None and self.max_eval_examples < 0:
+            raise SupportLMError(
+                f"max_eval_examples must be 0 or more, got {self.max_eval_examples}."
+            )
         if self.max_examples is not None and self.max_examples < 1:
             raise SupportLMError(f"max_examples must be at least 1, got {self.max_examples}.")
         if self.dataset.endswith(FILE_SUFFIXES) and resolve_path(self.dataset) is None:

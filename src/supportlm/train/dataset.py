@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,28 @@ def sample_examples(examples: list[Example], max_examples: int) -> list[Example]
     chosen = sorted(range(len(examples)), key=lambda i: _sha256(json.dumps(examples[i].messages)))[
         :max_examples
     ]
+    return [examples[i] for i in sorted(chosen)]
+
+
+def stratified_sample(examples: list[Example], size: int) -> list[Example]:
+    """A fixed sample of `size` examples, each stratum (intent, else task) in proportion.
+
+    Within a stratum examples are ranked by content hash, and the k-th of n gets the key
+    (k + 0.5) / n: taking the smallest keys gives every stratum its share to within one example.
+    The sample is the same on every run and at every evaluation of a run, so successive
+    validation losses compare checkpoints on the same questions. Kept in the original order.
+    """
+    if len(examples) <= size:
+        return list(examples)
+    strata: dict[str, list[int]] = defaultdict(list)
+    for index, example in enumerate(examples):
+        strata[str(example.meta.get("intent") or example.meta.get("task") or "")].append(index)
+    keys: dict[int, tuple[float, str]] = {}
+    for indices in strata.values():
+        hashes = {i: _sha256(json.dumps(examples[i].messages)) for i in indices}
+        for rank, index in enumerate(sorted(indices, key=hashes.__getitem__)):
+            keys[index] = ((rank + 0.5) / len(indices), hashes[index])
+    chosen = sorted(keys, key=keys.__getitem__)[:size]
     return [examples[i] for i in sorted(chosen)]
 
 
