@@ -120,8 +120,17 @@ def test_adapter_is_compared_with_base_on_its_held_out_split(
     assert set(report["by_task"]) <= {"chat", "summarize", "translate"}
     assert sum(task["n_examples"] for task in report["by_task"].values()) == report["n_examples"]
 
+    # The tiny model is no GGUF file: the transformers engine decodes, and the report says why.
+    assert report["engine"]["name"] == "transformers"
+    assert (
+        "not a GGUF model" in report["engine"]["reason"]
+        or "not installed" in (report["engine"]["reason"])
+    )
+    assert report["wall_s"] > 0
+
     markdown = output.with_suffix(".md").read_text()
     assert "| perplexity |" in markdown and "**Tuned**" in markdown
+    assert "- Engine: transformers" in markdown
     assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -150,3 +159,11 @@ def test_missing_adapter_is_a_clear_error(evaluate_main, tmp_path, capsys):
     status = evaluate_main(["--adapter", str(tmp_path / "no-such-run"), "--limit", "2"])
     assert status == 2
     assert capsys.readouterr().err.startswith(f"error: Adapter folder {tmp_path / 'no-such-run'}")
+
+
+def test_llamacpp_engine_on_a_model_it_cannot_serve_is_a_clear_error(
+    evaluate_main, tiny_model_dir, dataset, capsys
+):
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset", str(dataset), "--limit", "1"]
+    assert evaluate_main([*argv, "--engine", "llama.cpp"]) == 2
+    assert "error: The llama.cpp engine cannot decode here" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,11 @@ from helpers import answer, save_random_adapter  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from supportlm.embedded import EMBEDDED_GGUF_FILE, embedded_model_dir  # noqa: E402
+from supportlm.embedded import (  # noqa: E402
+    EMBEDDED_GGUF_FILE,
+    EMBEDDED_UPSTREAM_ID,
+    embedded_model_dir,
+)
 from supportlm.engines.base import Engine, GenerationSettings  # noqa: E402
 from supportlm.engines.llamacpp.engine import LlamaCppEngine  # noqa: E402
 from supportlm.engines.llamacpp.gguf import (  # noqa: E402
@@ -447,3 +452,49 @@ def _error_of(engine, prompt, *, use_adapter):
     except Exception as error:
         return error
     return None
+
+
+def test_evaluation_decodes_on_the_app_engine_many_at_once(adapter_dir, cache, tmp_path):
+    """finetune/evaluate.py picks llama.cpp for the GGUF base and keeps every answer in place."""
+    evaluate = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
+    main = runpy.run_path(str(evaluate), run_name="evaluate_cli")["main"]
+    # Named as finetune/train.py names an adapter of the embedded model: its upstream Hub id.
+    adapter_dir = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = EMBEDDED_UPSTREAM_ID
+    config_file.write_text(json.dumps(config))
+    data = Path(__file__).resolve().parents[1] / "data" / "customer_support.jsonl"
+    output = tmp_path / "eval.json"
+    argv = ["--adapter", str(adapter_dir), "--model_name_or_path", "embedded"]
+    argv += ["--dataset", str(data), "--split", "all", "--limit", "6", "--max_new_tokens", "8"]
+    assert main([*argv, "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    engine = report["engine"]
+    assert engine["name"] == "llama.cpp" and engine["concurrency"] > 1
+    assert "(merged)" in engine["description"]  # as the app serves a Q4_1 base with an adapter
+
+    # Decoded together, each answer is its own prompt's: the tuned one (the merged model, what
+    # the app serves) exactly as alone; the base one (the runtime LoRA negated, whose rounding
+    # depends on the batch) may flip a near-tie late, so its first words are compared.
+    from supportlm.modeling import load_tokenizer, resolve_model
+    from supportlm.prompts import with_system_prompt
+
+    tokenizer = load_tokenizer(resolve_model("embedded"))
+    settings = GenerationSettings(max_new_tokens=8)
+    single_turn = [e for e in report["examples"] if e["question"] in _first_questions(data)]
+    assert single_turn
+    with LlamaCppEngine.from_gguf(GGUF, tokenizer, adapter_dir=adapter_dir, n_ctx=2048) as alone:
+        for example in single_turn:
+            messages = [{"role": "user", "content": example["question"]}]
+            prompt = encode_chat(tokenizer, with_system_prompt(messages, report["system_prompt"]))
+            tuned = answer(alone, prompt, settings, use_adapter=True).text.strip()
+            assert tuned == example["tuned"], example["question"]
+            base = answer(alone, prompt, settings, use_adapter=False).text.strip()
+            assert base.split()[:3] == example["base"].split()[:3], example["question"]
+
+
+def _first_questions(path: Path) -> set[str]:
+    """The questions of `path`'s one-turn conversations."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return {row["messages"][0]["content"] for row in rows if len(row["messages"]) == 2}

@@ -24,6 +24,7 @@ def _change(metric: str, base: float, tuned: float) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: settings, a metric table, per-task tables and sample answers."""
     base, tuned = report["base"], report["tuned"]
+    engine = report["engine"]
     split = "test split" if report["split"] == "test" else "all examples"
     lines = [
         "# Evaluation: base vs fine-tuned" if tuned else "# Evaluation: base model",
@@ -34,6 +35,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Examples: {report['n_examples']} of {report['n_available']}",
         f"- Decoding: greedy, max_new_tokens {report['generation']['max_new_tokens']}, "
         f"repetition_penalty {report['generation']['repetition_penalty']}",
+        f"- Engine: {engine['description']} ({engine['reason']}), {engine['concurrency']} answers "
+        f"at once; wall time {report['wall_s']:.0f} s",
         "",
         "ROUGE-L, chrF and BLEU: 0-100, higher is better. Perplexity on the reference answers and "
         "latency: lower is better. new_tokens_mean: answer length, for reading the latencies.",

@@ -5,7 +5,9 @@ Both are evaluated on ONE loaded model: the PEFT adapter is switched off for "ba
 the adapter. Each held-out conversation is cut before its last assistant turn: everything before
 it (with the system prompt the adapter was trained with) is the prompt, and the last assistant
 message is the reference. Answers are decoded greedily through the app's own engine
-(`supportlm.engines.transformers.TransformersEngine`), so what is measured is what users get.
+(`supportlm.train.decoding`: llama.cpp, many answers at once, where it is installed and the base
+is a GGUF file; else transformers), so what is measured is what users get. Perplexity is always
+computed with transformers.
 
 Which data, by default: the test split of the data the adapter was trained on. The adapter folder
 holds the data settings of its run (``training_config.yaml``), and splits are a hash of each
@@ -18,17 +20,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.engines.base import GenerationSettings
-from supportlm.engines.transformers import TransformersEngine
 from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, adapter_base_model, load_model
 from supportlm.placeholders import ShopDetails, raw_placeholders
@@ -36,6 +36,7 @@ from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_pr
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
 from supportlm.train.data import DEFAULT_DATASET, Example
 from supportlm.train.dataset import prepare_dataset, sample_examples
+from supportlm.train.decoding import Decoder, open_decoder
 from supportlm.train.evaluation_args import EvaluationArguments
 from supportlm.train.intent_eval import intent_report
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
@@ -202,6 +203,7 @@ def compare(
     *,
     system_prompt: str,
     settings: GenerationSettings,
+    decoder: Decoder,
     batch_size: int = 4,
     num_shown: int = 5,
 ) -> dict[str, Any]:
@@ -221,17 +223,16 @@ def compare(
         with _adapter_switch(loaded, variant == "tuned"):
             nll[variant] = answer_nll(loaded.model, tokenizer, conversations, batch_size=batch_size)
 
-    engine = TransformersEngine.from_loaded(loaded)
-    answers: dict[str, list[str]] = {variant: [] for variant in variants}
-    latencies: dict[str, list[float]] = {variant: [] for variant in variants}
-    new_tokens: dict[str, list[int]] = {variant: [] for variant in variants}
-    for prompt_ids in tqdm(prompts, desc="Generating", unit="example"):
-        for variant in variants:
-            request = engine.request(prompt_ids, settings, use_adapter=variant == "tuned")
-            event = engine.generate(request)
-            answers[variant].append(event.text.strip())
-            latencies[variant].append(event.elapsed)
-            new_tokens[variant].append(event.num_tokens)
+    answers: dict[str, list[str]] = {}
+    latencies: dict[str, list[float]] = {}
+    new_tokens: dict[str, list[int]] = {}
+    for variant in variants:  # one variant after the other: an engine switches its adapter once
+        events = decoder.decode(
+            prompts, settings, use_adapter=variant == "tuned", desc=f"Answers ({variant})"
+        )
+        answers[variant] = [event.text.strip() for event in events]
+        latencies[variant] = [event.elapsed for event in events]
+        new_tokens[variant] = [event.num_tokens for event in events]
 
     result: dict[str, Any] = {variant: None for variant in VARIANTS}
     for variant in variants:
@@ -283,8 +284,18 @@ def _by_task(examples, variants, answers, references, nll, latencies, new_tokens
     }
 
 
-def evaluate(args: EvaluationArguments) -> dict[str, Any]:
-    """Everything `finetune/evaluate.py` does but writing files: the report as a dict."""
+@dataclass
+class EvaluationInputs:
+    """The loaded model (adapter on), its prompt style and the examples to evaluate."""
+
+    loaded: LoadedModel
+    system_prompt: str
+    data: EvaluationData
+    context_length: int
+
+
+def evaluation_inputs(args: EvaluationArguments) -> EvaluationInputs:
+    """Load the model and adapter and select the data, as `args` asks."""
     training = None
     model_spec = args.model_name_or_path
     style = PromptStyle(DEFAULT_SYSTEM_PROMPT)
@@ -300,13 +311,19 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
                 f"Adapter {args.adapter} has no {TRAINING_CONFIG_FILE}, so its held-out data is "
                 "unknown; pass --dataset."
             )
-    system_prompt = style.system_prompt
     loaded = load_model(model_spec or EMBEDDED_MODEL, adapter=args.adapter)
     if style.chat_template:
         # Serve with the template the adapter was trained with (saved next to it).
         loaded.tokenizer.chat_template = style.chat_template
     context_length = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
-    data = select_data(args, loaded.tokenizer, system_prompt, training, context_length)
+    data = select_data(args, loaded.tokenizer, style.system_prompt, training, context_length)
+    return EvaluationInputs(loaded, style.system_prompt, data, context_length)
+
+
+def evaluate(args: EvaluationArguments) -> dict[str, Any]:
+    """Everything `finetune/evaluate.py` does but writing files: the report as a dict."""
+    inputs = evaluation_inputs(args)
+    loaded, data, system_prompt = inputs.loaded, inputs.data, inputs.system_prompt
     settings = args.generation_settings()
     logger.info(
         "Evaluating %s on %d of %d examples of %s (%s); greedy, max_new_tokens %d.",
@@ -317,15 +334,23 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
         data.reason,
         settings.max_new_tokens,
     )
-    result = compare(
-        loaded,
-        data.examples,
-        system_prompt=system_prompt,
-        settings=settings,
-        batch_size=args.batch_size,
-        num_shown=args.num_shown,
-    )
-    intents = intent_report(loaded, data.train_examples, data.examples, system_prompt)
+    started = time.perf_counter()
+    # Room for the longest evaluated conversation (and the intent question) plus the answer.
+    window = max(2048, data.max_seq_length + settings.max_new_tokens)
+    decoder = open_decoder(args.engine, loaded, context_length=min(inputs.context_length, window))
+    try:
+        result = compare(
+            loaded,
+            data.examples,
+            system_prompt=system_prompt,
+            settings=settings,
+            decoder=decoder,
+            batch_size=args.batch_size,
+            num_shown=args.num_shown,
+        )
+        intents = intent_report(decoder, loaded, data.train_examples, data.examples, system_prompt)
+    finally:
+        decoder.close()
     for variant in ("base", "tuned"):
         if intents and result[variant] is not None:
             result[variant].update(intents["scores"][variant])
@@ -345,6 +370,13 @@ def evaluate(args: EvaluationArguments) -> dict[str, Any]:
         "model_description": loaded.description,
         "system_prompt": system_prompt,
         "generation": settings.to_dict(),
+        "engine": {
+            "name": decoder.name,
+            "description": decoder.engine.description,
+            "reason": decoder.reason,
+            "concurrency": decoder.concurrency,
+        },
+        "wall_s": time.perf_counter() - started,
         "by_task": result["by_task"],
         "examples": result["examples"],
     }

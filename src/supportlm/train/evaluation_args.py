@@ -7,6 +7,7 @@ from pathlib import Path
 
 from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
+from supportlm.train.decoding import ENGINE_CHOICES
 
 SPLIT_CHOICES = ("auto", "test", "all")
 
@@ -55,6 +56,15 @@ class EvaluationArguments:
         default=GenerationSettings.repetition_penalty,
         metadata={"help": "Repetition penalty of the greedy decoding (the app's default)."},
     )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "What decodes the answers: auto (llama.cpp, many at once, where it is "
+            "installed and the base is a GGUF file, as the app serves; else transformers), "
+            "llama.cpp or transformers. Perplexity is always computed with transformers.",
+            "choices": list(ENGINE_CHOICES),
+        },
+    )
     batch_size: int = field(
         default=4, metadata={"help": "Conversations per forward pass when scoring perplexity."}
     )
@@ -73,6 +83,10 @@ class EvaluationArguments:
         if self.split not in SPLIT_CHOICES:
             raise SupportLMError(
                 f"Unknown split {self.split!r}; choose one of {', '.join(SPLIT_CHOICES)}."
+            )
+        if self.engine not in ENGINE_CHOICES:
+            raise SupportLMError(
+                f"Unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_CHOICES)}."
             )
         if self.limit is not None and self.limit < 1:
             raise SupportLMError(f"limit must be at least 1, got {self.limit}.")

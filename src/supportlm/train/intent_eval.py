@@ -17,7 +17,6 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 from sklearn.pipeline import make_pipeline
-from tqdm import tqdm
 
 from supportlm.intents import canonical_intent, intent_labels
 
@@ -60,27 +59,30 @@ def baseline_predictions(train: Sequence[Any], test: Sequence[Any]) -> list[str]
 
 
 def model_intents(
-    loaded: Any, examples: Sequence[Any], labels: Sequence[str], system_prompt: str, *, tuned: bool
+    decoder: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    labels: Sequence[str],
+    system_prompt: str,
+    *,
+    tuned: bool,
 ) -> list[str | None]:
     """The intents the model names for `examples`' questions (greedy, a few tokens)."""
     from supportlm.engines.base import GenerationSettings
-    from supportlm.engines.transformers import TransformersEngine
     from supportlm.intents import parse_intent
     from supportlm.prompts import encode_chat, intent_messages
 
-    engine = TransformersEngine.from_loaded(loaded)
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
-    predicted = []
-    for example in tqdm(examples, desc="Intents", unit="example"):
-        messages = intent_messages(example.first_user_message, labels, system_prompt)
-        prompt_ids = encode_chat(loaded.tokenizer, messages)
-        answer = engine.generate(engine.request(prompt_ids, settings, use_adapter=tuned)).text
-        predicted.append(parse_intent(answer, labels))
-    return predicted
+    prompts = [
+        encode_chat(tokenizer, intent_messages(e.first_user_message, labels, system_prompt))
+        for e in examples
+    ]
+    events = decoder.decode(prompts, settings, use_adapter=tuned, desc="Intents")
+    return [parse_intent(event.text, labels) for event in events]
 
 
 def intent_report(
-    loaded: Any, train: Sequence[Any], test: Sequence[Any], system_prompt: str
+    decoder: Any, loaded: Any, train: Sequence[Any], test: Sequence[Any], system_prompt: str
 ) -> dict[str, Any] | None:
     """Intent scores of base, tuned (with an adapter) and the baseline; None without intents."""
     test = intent_examples(test)
@@ -93,7 +95,7 @@ def intent_report(
     predictions = {"baseline": baseline_predictions(train, test)}
     for variant in ("base", "tuned") if loaded.adapter is not None else ("base",):
         predictions[variant] = model_intents(
-            loaded, test, labels, system_prompt, tuned=variant == "tuned"
+            decoder, loaded.tokenizer, test, labels, system_prompt, tuned=variant == "tuned"
         )
     return {
         "labels": labels,
