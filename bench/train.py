@@ -14,7 +14,20 @@ model and training split, with the same batch size, learning rate and number of 
   answer (every example of the Bitext data is single-turn). Only bf16 is turned off: it is
   emulated on this CPU and would make TRL several times slower;
 * ours: `supportlm.train.trainer.train` with its defaults (group by length, supervised-only head,
-  one thread per physical core, no activation checkpointing), evaluation off while timing.
+  one thread per physical core, no activation checkpointing, micro-batches of
+  ``--micro_batch_size`` accumulated to ``--batch_size``), validating a fixed stratified sample of
+  ``--eval_examples`` every ``--eval_steps`` steps, as a default run does;
+* packed: ours with TRL's best-fit packing (``packing``: conversations packed into sequences of
+  ``--max_seq_length`` tokens, position ids restart at each conversation and no attention mask,
+  so no token attends to another conversation), as many packed sequences per step as hold
+  ``--batch_size`` conversations of the training split's mean length.
+
+Validation cost, the same validation conversations for every variant (batches of
+``--batch_size``): ``eval_seconds_per_batch`` is a variant's own validation pass (naive: full
+logits; trl: `SFTTrainer.evaluate` with its defaults; ours: our trainer's evaluation), and
+``train_seconds_per_step`` its optimizer step. ``eval_cost_ratio`` is ours' eval batch over its
+training step; ``eval_time_fraction`` is the share of ours' training wall time spent validating
+at ``--eval_steps`` (run ``--steps`` as a multiple of it).
 
 Memory, QLoRA against 16-bit LoRA (run it on a GPU; ``--variants qlora,lora16``):
 
@@ -49,7 +62,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BITEXT_CSV = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
-VARIANTS = ("naive", "trl", "ours")
+VARIANTS = ("naive", "trl", "ours", "packed")
 MEMORY_VARIANTS = ("qlora", "lora16")
 
 
@@ -61,13 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="embedded", help="Model spec (see supportlm.modeling).")
     parser.add_argument("--dataset", default=default_dataset, help="Training data file or Hub id.")
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per variant.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="Conversations per step.")
+    parser.add_argument(
+        "--micro_batch_size", type=int, default=1, help="Ours: conversations per forward pass."
+    )
+    parser.add_argument("--eval_steps", type=int, default=20, help="Ours: validate every N steps.")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument(
         "--max_examples", type=int, default=2000, help="Sample of the dataset (tokenising is slow)."
     )
-    parser.add_argument("--eval_examples", type=int, default=64, help="Validation examples.")
+    parser.add_argument(
+        "--eval_examples", type=int, default=128, help="Validation sample (as max_eval_examples)."
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path, help="Write the results here.")
     parser.add_argument("--variant", choices=VARIANTS + MEMORY_VARIANTS, help=argparse.SUPPRESS)
@@ -83,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace):
     from supportlm.modeling import load_tokenizer
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.dataset import prepare_dataset
+    from supportlm.train.dataset import prepare_dataset, stratified_sample
 
     tokenizer = load_tokenizer(args.model)
     prepared = prepare_dataset(
@@ -93,7 +112,8 @@ def prepare(args: argparse.Namespace):
         max_seq_length=args.max_seq_length,
         max_examples=args.max_examples,
     )
-    validation = prepared.splits["validation"][: args.eval_examples]
+    # The sample our trainer validates on with max_eval_examples = eval_examples: the same rows.
+    validation = stratified_sample(prepared.splits["validation"], args.eval_examples)
     return tokenizer, prepared.splits["train"], validation
 
 
@@ -132,6 +152,13 @@ def supervised_count(labels: torch.Tensor) -> int:
 @torch.no_grad()
 def validation_loss(model, dataset, pad_token_id: int, batch_size: int = 8) -> float:
     """Token-weighted answer-only cross-entropy with the full logits (the reference loss)."""
+    return timed_validation(model, dataset, pad_token_id, batch_size)[0]
+
+
+@torch.no_grad()
+def timed_validation(model, dataset, pad_token_id: int, batch_size: int) -> tuple[float, float]:
+    """`validation_loss` and the seconds it took per batch (the naive loop's validation)."""
+    started = time.perf_counter()
     model.eval()
     total, count = 0.0, 0
     rows = list(dataset)
@@ -144,7 +171,8 @@ def validation_loss(model, dataset, pad_token_id: int, batch_size: int = 8) -> f
         )
         total += float(loss)
         count += supervised_count(batch["labels"])
-    return total / count
+    batches = -(-len(rows) // batch_size)
+    return total / count, (time.perf_counter() - started) / batches
 
 
 def peak_rss_mb() -> float:
@@ -190,7 +218,9 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
             if step == args.steps:
                 break
-    return summarize(tokens, seconds, validation_loss(model, val_set, tokenizer.pad_token_id))
+    loss, eval_per_batch = timed_validation(model, val_set, tokenizer.pad_token_id, args.batch_size)
+    summary = summarize(tokens, seconds, loss, args.steps)
+    return {**summary, "eval_seconds_per_batch": eval_per_batch}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,10 +233,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     tokenizer, train_examples, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
-    rows = []
-    for example in train_examples:
-        messages = with_system_prompt(example.messages, DEFAULT_SYSTEM_PROMPT)
-        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+
+    def prompt_completion(examples):
+        rows = []
+        for example in examples:
+            messages = with_system_prompt(example.messages, DEFAULT_SYSTEM_PROMPT)
+            rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+        return Dataset.from_list(rows)
+
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     counted = {"tokens": 0}
 
@@ -221,6 +255,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             output_dir=output_dir,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             max_length=args.max_seq_length,
             bf16=False,
@@ -232,38 +267,58 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         trainer = SFTTrainer(
             model=load_base(args).model,
             args=config,
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=prompt_completion(train_examples),
+            eval_dataset=prompt_completion(validation),
             processing_class=tokenizer,
             peft_config=lora_config(),
             data_collator=counting_collator,
             callbacks=[timer],
         )
         trainer.train()
+        counted_before = counted["tokens"]
+        runtime = trainer.evaluate()["eval_runtime"]  # TRL's own validation, its defaults
+        counted["tokens"] = counted_before
     loss = validation_loss(trainer.model, val_set, tokenizer.pad_token_id)
-    return summarize(counted["tokens"], timer.seconds, loss)
+    summary = summarize(counted["tokens"], timer.seconds, loss, args.steps)
+    return {**summary, "eval_seconds_per_batch": runtime / -(-len(validation) // args.batch_size)}
 
 
-def run_ours(args: argparse.Namespace, quantization: str | None = None) -> dict[str, Any]:
+def run_ours(
+    args: argparse.Namespace, quantization: str | None = None, packed: bool = False
+) -> dict[str, Any]:
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
     from supportlm.train.config import parse_config
     from supportlm.train.run import train
     from supportlm.train.trainer import tokenize_examples
 
-    tokenizer, _, validation = prepare(args)
+    tokenizer, train_examples, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    micro = min(args.micro_batch_size, args.batch_size)
+    settings = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": 1}
+    settings["gradient_accumulation_steps"] = max(1, args.batch_size // micro)
+    if packed:
+        # Packed sequences per step that hold batch_size conversations of the mean length.
+        mean = sum(len(e.encoded["input_ids"]) for e in train_examples) / len(train_examples)
+        per_step = max(1, round(args.batch_size * mean / args.max_seq_length))
+        settings = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": per_step}
+        settings |= {"packing": True, "eval_packing": False}
+    validating = quantization is None and args.eval_steps > 0
     with tempfile.TemporaryDirectory() as output_dir:
-        settings = {
+        settings |= {
             "model_name_or_path": args.model,
             "dataset": args.dataset,
             "max_examples": args.max_examples,
             "max_seq_length": args.max_seq_length,
             "max_steps": args.steps,
-            "per_device_train_batch_size": args.batch_size,
+            "per_device_eval_batch_size": args.batch_size,
+            "max_eval_examples": args.eval_examples,
             "learning_rate": args.learning_rate,
             "output_dir": output_dir,
-            # Timing the training steps only: no evaluation, checkpoints or loggers.
-            "eval_strategy": "no",
+            # Validation as a default run does it; no checkpoints, early stopping or loggers.
+            "eval_strategy": "steps" if validating else "no",
+            "eval_steps": max(args.eval_steps, 1),
             "save_strategy": "no",
+            "load_best_model_at_end": False,
             "early_stopping_patience": 0,
             "report_to": "none",
             "seed": 42,
@@ -276,18 +331,24 @@ def run_ours(args: argparse.Namespace, quantization: str | None = None) -> dict[
         result = train(config)
     loss = validation_loss(result.model, val_set, tokenizer.pad_token_id)
     metrics = result.metrics
-    summary = summarize(metrics["train_supervised_tokens"], metrics["step_time_s"], loss)
-    summary["peak_memory_mb"] = metrics["peak_memory_mb"]
-    summary["peak_memory_kind"] = metrics["peak_memory_kind"]
-    summary["dtype"] = metrics.get("dtype")
-    summary["quantization"] = metrics.get("quantization")
+    tokens, seconds = metrics["train_supervised_tokens"], metrics["step_time_s"]
+    summary = summarize(tokens, seconds, loss, args.steps)
+    summary["micro_batch"] = settings["per_device_train_batch_size"]
+    summary["accumulation"] = settings["gradient_accumulation_steps"]
+    for key in ("peak_memory_mb", "peak_memory_kind", "dtype", "quantization"):
+        summary[key] = metrics.get(key)
+    if metrics.get("evaluations"):
+        batches = metrics["evaluations"] * -(-metrics["eval_examples"] // args.batch_size)
+        summary["eval_seconds_per_batch"] = metrics["eval_runtime_s"] / batches
+        summary["eval_time_fraction"] = metrics["eval_runtime_s"] / metrics["train_runtime_s"]
     return summary
 
 
-def summarize(tokens: int, seconds: float, eval_loss: float) -> dict[str, Any]:
+def summarize(tokens: int, seconds: float, eval_loss: float, steps: int) -> dict[str, Any]:
     return {
         "supervised_tokens": tokens,
         "train_seconds": round(seconds, 2),
+        "train_seconds_per_step": seconds / steps,
         "supervised_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eval_loss": round(eval_loss, 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -298,6 +359,7 @@ RUNNERS = {
     "naive": run_naive,
     "trl": run_trl,
     "ours": run_ours,
+    "packed": lambda args: run_ours(args, packed=True),
     "qlora": lambda args: run_ours(args, quantization="4bit"),
     "lora16": lambda args: run_ours(args, quantization="none"),
 }
@@ -333,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "eval_steps": args.eval_steps,
+        "eval_examples": args.eval_examples,
         "max_seq_length": args.max_seq_length,
         "torch_threads_default": torch.get_num_threads(),
     }
@@ -344,6 +409,15 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup_vs_trl"] = round(ours / results["trl"]["supervised_tokens_per_second"], 3)
         trl_loss = results["trl"]["eval_loss"]
         report["eval_loss_delta"] = round((results["ours"]["eval_loss"] - trl_loss) / trl_loss, 4)
+    if "eval_seconds_per_batch" in results.get("ours", {}):
+        ours = results["ours"]
+        report["eval_cost_ratio"] = ours["eval_seconds_per_batch"] / ours["train_seconds_per_step"]
+        report["eval_time_fraction"] = ours["eval_time_fraction"]
+    if {"ours", "packed"} <= results.keys():
+        report["packed_speedup"] = (
+            results["packed"]["supervised_tokens_per_second"]
+            / results["ours"]["supervised_tokens_per_second"]
+        )
     if set(MEMORY_VARIANTS) <= results.keys():
         qlora, lora16 = results["qlora"], results["lora16"]
         report["qlora_memory_ratio"] = round(qlora["peak_memory_mb"] / lora16["peak_memory_mb"], 3)

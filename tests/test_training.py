@@ -179,6 +179,54 @@ def test_supervised_logits_loss_equals_the_full_loss(tiny_model_dir: str) -> Non
         torch.testing.assert_close(a, e)
 
 
+def test_packed_conversations_do_not_attend_to_each_other(tiny_model_dir: str) -> None:
+    """TRL's packing (best-fit, position ids, no attention mask) with our loss: each packed
+    conversation is scored exactly as it is alone, so no token sees another conversation."""
+    from trl import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [
+        Example(
+            messages=[
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        )
+        for question, answer in (
+            ("Where is my parcel?", "It left our warehouse today."),
+            ("Can I pay by card?", "Yes, every major card."),
+            ("How do I return a pan?", "Print the label from your account and drop it off."),
+        )
+    ]
+    rows = tokenize_examples(examples, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    packed = pack_dataset(rows, seq_length=1024, strategy="bfd")
+    assert len(packed) == 1  # all three in one sequence
+    collator = DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id, padding_free=True
+    )
+    batch = collator([packed[0]])
+    assert "attention_mask" not in batch
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        loss, count = supervised_lm_loss(model, inputs, batch["labels"])
+        total, expected_count = 0.0, 0
+        for row in rows:
+            alone, n = supervised_lm_loss(
+                model,
+                {"input_ids": torch.tensor([row["input_ids"]])},
+                torch.tensor([row["labels"]]),
+            )
+            total, expected_count = total + float(alone) * n, expected_count + n
+        # The same tokens without their position ids: one long causal sequence.
+        unbounded, _ = supervised_lm_loss(model, {"input_ids": batch["input_ids"]}, batch["labels"])
+    expected = total / expected_count
+    assert count == expected_count
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert abs(float(unbounded) - expected) > 10 * abs(float(loss) - expected)
+
+
 def test_cpu_dropout_drops_each_element_with_probability_p() -> None:
     dropout = CpuDropout(0.1).train()
     x = torch.ones(400, 1000, requires_grad=True)
@@ -269,6 +317,7 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
         "loss.png",
         "data_report.json",
         "data_report.md",
+        "intent_questions.jsonl",
         "README.md",
     ):
         assert (folder / name).is_file(), name
@@ -488,6 +537,8 @@ def test_bench_runs_and_writes_json(tiny_model_dir: str, tmp_path: Path) -> None
             "40",
             "--eval_examples",
             "4",
+            "--eval_steps",
+            "2",
             "--json",
             str(output),
         ],
@@ -496,11 +547,21 @@ def test_bench_runs_and_writes_json(tiny_model_dir: str, tmp_path: Path) -> None
         cwd=REPO_ROOT,
     )
     report = json.loads(output.read_text())
-    for key in ("speedup_vs_naive", "speedup_vs_trl", "eval_loss_delta"):
+    for key in ("speedup_vs_naive", "speedup_vs_trl", "eval_loss_delta", "packed_speedup"):
         assert isinstance(report[key], float)
-    for variant in ("naive", "trl", "ours"):
+    for variant in ("naive", "trl", "ours", "packed"):
         assert report[variant]["supervised_tokens"] > 0
         assert report[variant]["eval_loss"] > 0
+        assert report[variant]["eval_seconds_per_batch"] > 0
+        assert report[variant]["train_seconds_per_step"] > 0
+    ours = report["ours"]
+    # One validation at step 2 of 2 (eval_steps 2), inside the training wall time.
+    assert 0 < report["eval_time_fraction"] == ours["eval_time_fraction"] < 1
+    assert report["eval_cost_ratio"] == pytest.approx(
+        ours["eval_seconds_per_batch"] / ours["train_seconds_per_step"]
+    )
+    assert (ours["micro_batch"], ours["accumulation"]) == (1, 2)
+    assert report["packed"]["micro_batch"] == 1
 
 
 def test_yaml_safe_dump_of_config_has_no_python_objects(tiny_run) -> None:
