@@ -215,6 +215,27 @@ def print_phase(name: str, phase: dict) -> None:
         print(f"  error: {message}")
 
 
+def intent_cost(adapter: str | None, repeats: int = 50) -> dict:
+    """What the Chat caption's intent costs a request: the app's router, timed in this process.
+
+    The router is built as the app builds it (the adapter's intent questions, else the bundled
+    data), so this is the classifier the app serves; each of `QUESTIONS` is routed `repeats` times.
+    """
+    from supportlm.run_folder import RunFolder
+    from supportlm.serve.handover import IntentRouter
+    from supportlm.serve.settings import AppSettings
+
+    started = time.perf_counter()
+    router = IntentRouter.from_settings(AppSettings(), RunFolder(adapter) if adapter else None)
+    fit_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for question in QUESTIONS:
+            router.route(question)
+    per_request = (time.perf_counter() - started) / (repeats * len(QUESTIONS))
+    return {"classifier": router.description, "fit_s": fit_s, "ms_per_request": 1000 * per_request}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="SUPPORTLM_MODEL for the app.")
@@ -254,9 +275,18 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             process.terminate()
             process.wait(timeout=30)
+    intent = intent_cost(args.adapter)
+    mean_request_s = statistics.fmean(r["total_s"] for r in one["requests_detail"])
+    intent["share_of_request"] = intent["ms_per_request"] / 1000 / mean_request_s
+    print(
+        f"intent ({intent['classifier']}): {intent['ms_per_request']:.2f} ms a request, "
+        f"{intent['share_of_request']:.3%} of one client's request; "
+        f"fitted in {intent['fit_s']:.2f} s"
+    )
     report = {
         "model": args.model,
         "backend": args.backend,
+        "intent": intent,
         "max_new_tokens": args.max_new_tokens,
         "startup_s": startup_s,
         "aggregate_speedup": many["aggregate_tok_s"] / one["aggregate_tok_s"]

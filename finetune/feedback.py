@@ -3,6 +3,7 @@
     python finetune/feedback.py erase --conversation ID      # the id shown under the chat
     python finetune/feedback.py erase --reply REPLY_ID       # the conversation of that reply
     python finetune/feedback.py purge --days 30              # rows older than 30 days
+    python finetune/feedback.py handovers                    # messages a person must handle
 
 ``--db`` names the store (default: ``SUPPORTLM_FEEDBACK_DB``, else .supportlm/feedback.sqlite3).
 See `supportlm.serve.retention`.
@@ -31,7 +32,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     which.add_argument("--reply", help="a reply id of the conversation")
     purge = commands.add_parser("purge", help="delete rows older than --days")
     purge.add_argument("--days", type=int, required=True)
+    handovers = commands.add_parser("handovers", help="list messages handed over to a person")
+    handovers.add_argument("--limit", type=int, default=20, help="newest messages shown")
     return parser.parse_args(argv)
+
+
+def print_handovers(store: FeedbackStore, limit: int) -> None:
+    """Counts by intent, then the newest handed-over messages (redacted, as stored)."""
+    counts = store.handover_counts()
+    print(f"handed over: {sum(counts.values())}")
+    for intent, count in counts.items():
+        print(f"  {intent}: {count}")
+    for reply in store.list_handovers(limit):
+        question = next(
+            (m["content"] for m in reversed(reply["conversation"]) if m["role"] == "user"), ""
+        )
+        print(f"{reply['created_at']}  {reply['intent']}  {reply['conversation_id']}  {question}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         store = FeedbackStore(args.db or AppSettings.from_env().feedback_db)
+        if args.command == "handovers":
+            print_handovers(store, args.limit)
+            return 0
         if args.command == "purge":
             counts = purge_older_than(store, args.days)
         elif args.conversation:

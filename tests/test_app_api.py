@@ -272,6 +272,10 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
     assert report["one_client"]["tokens"] > 0
     assert report["p95_ttft_s"] is not None
     assert report["n_clients"]["server_cpu_s"] > 0 and report["n_clients"]["client_cpu_s"] > 0
+    # The caption's intent: the app's classifier (bundled data: no adapter), timed per request.
+    intent = report["intent"]
+    assert intent["classifier"].endswith("data/customer_support.jsonl")
+    assert intent["ms_per_request"] > 0 and 0 < intent["share_of_request"] < 1
 
 
 def test_the_readme_api_example_runs(app, repo_root) -> None:

@@ -44,6 +44,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_FILE = "supportlm_run.json"
 TRAINING_CONFIG_FILE = "training_config.yaml"
 METRICS_FILE = "metrics.json"
+#: The training split's questions and intents, which the app's intent classifier learns from.
+INTENT_QUESTIONS_FILE = "intent_questions.jsonl"
 LOSS_PLOT = "loss.png"
 RUN_FORMAT = 1
 
@@ -198,6 +200,10 @@ class RunFolder:
 
     def loss_plot(self) -> Path | None:
         return self.file(LOSS_PLOT)
+
+    def intent_questions(self) -> Path | None:
+        """The questions and intents of the training split, when the data named intents."""
+        return self.file(INTENT_QUESTIONS_FILE)
 
     def lineage(self) -> dict[str, Any]:
         return self.record().get("lineage", {})

@@ -24,7 +24,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,25 +32,17 @@ from transformers import PreTrainedTokenizerBase
 from supportlm.engines.base import Engine, GenerationRequest, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
 from supportlm.placeholders import ShopDetails
-from supportlm.prompts import encode_chat, fit_messages, with_system_prompt
 from supportlm.run_folder import PromptStyle, RunFolder
 from supportlm.serve.admission import Admission, RateLimit
+from supportlm.serve.conversation import ChatRequest, build_chat_request
 from supportlm.serve.feedback import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
-from supportlm.serve.history import cap_history, cap_text
+from supportlm.serve.handover import IntentRouter
+from supportlm.serve.history import cap_text
 from supportlm.serve.settings import ServingPlan
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class ChatRequest:
-    """A prompt ready for the engine, with notices for the user about what was changed."""
-
-    prompt_ids: list[int]
-    messages: list[dict[str, str]]
-    notices: list[str]
 
 
 def _check_reply_id(reply_id: Any) -> None:
@@ -79,6 +70,7 @@ class Assistant:
         style = self.run.prompt_style() if self.run else PromptStyle.default()
         self.system_prompt = system_prompt or style.system_prompt
         self.shop = ShopDetails.load(self.settings.shop)
+        self.router = IntentRouter.from_settings(self.settings, self.run)
         self.feedback_notice: str | None = None
         if feedback is None:
             feedback, self.feedback_notice = open_store(self.settings.feedback_db)
@@ -128,34 +120,17 @@ class Assistant:
         system_prompt: str | None,
         settings: GenerationSettings,
     ) -> ChatRequest:
-        """Cap every part, add the system prompt, keep the newest turns that fit the context."""
-        if not isinstance(message, str) or not message.strip():
-            raise SupportLMError("Please type a message.")
-        limits = self.settings
-        message, notice = self.cap(message)
-        history_messages, notices = cap_history(
-            history, limits.max_history_messages, limits.max_input_chars
+        """Capped, fitted to the context, its intent detected (`build_chat_request`)."""
+        return build_chat_request(
+            message,
+            history,
+            system_prompt or self.system_prompt,
+            settings,
+            tokenizer=self.tokenizer,
+            limits=self.settings,
+            context_length=self.context_length,
+            router=self.router,
         )
-        notices = [notice, *notices] if notice else notices
-        system_prompt = system_prompt or self.system_prompt
-        if len(system_prompt) > limits.max_system_prompt_chars:
-            system_prompt = system_prompt[: limits.max_system_prompt_chars]
-            notices.append(
-                f"The system prompt was cut to its first {limits.max_system_prompt_chars} "
-                "characters."
-            )
-        conversation = [*history_messages, {"role": "user", "content": message}]
-        messages = with_system_prompt(conversation, system_prompt)
-        budget = self.context_length - settings.max_new_tokens
-        if budget < 1:
-            raise SupportLMError(
-                f"max_new_tokens ({settings.max_new_tokens}) leaves no room for the prompt in the "
-                f"{self.context_length}-token context."
-            )
-        fitted = fit_messages(self.tokenizer, messages, budget)
-        if len(fitted) < len(messages):
-            notices.append("The oldest turns were left out to fit the model's context window.")
-        return ChatRequest(encode_chat(self.tokenizer, fitted), fitted, notices)
 
     def chat(
         self,
@@ -296,6 +271,8 @@ class Assistant:
                 ),
             },
             conversation_id=conversation_id,
+            intent=chat.routing.intent if chat.routing else None,
+            handover=bool(chat.routing and chat.routing.handover),
         )
         return self._safely(request, lambda: self.feedback.add_reply(record))
 

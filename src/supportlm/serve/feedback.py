@@ -91,6 +91,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX replies_conversation ON replies (conversation_id);
     CREATE INDEX replies_created ON replies (created_at);
     """,
+    # 4: the intent the classifier detected, and whether it was handed over to a person.
+    """
+    ALTER TABLE replies ADD COLUMN intent TEXT;
+    ALTER TABLE replies ADD COLUMN handover INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX replies_handover ON replies (handover, created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -117,6 +123,8 @@ class ReplyRecord:
     backend: str | None = None
     settings: Mapping[str, Any] | None = None
     conversation_id: str | None = None
+    intent: str | None = None
+    handover: bool = False
 
 
 class FeedbackStore:
@@ -194,12 +202,14 @@ class FeedbackStore:
             record.backend,
             _dumps(redact_json(dict(record.settings)) if record.settings is not None else None),
             record.conversation_id,
+            record.intent,
+            int(record.handover),
         )
         with self.connect() as connection:
             connection.execute(
                 "INSERT INTO replies (reply_id, created_at, conversation, reply, finish_reason, "
-                "model_id, adapter_id, adapter_version, backend, settings, conversation_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_id, adapter_id, adapter_version, backend, settings, conversation_id, "
+                "intent, handover) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
         return record.reply_id
@@ -311,6 +321,19 @@ class FeedbackStore:
     def list_replies(self, limit: int | None = 100) -> list[dict[str, Any]]:
         """The newest replies first, JSON columns decoded."""
         return self._select("replies", limit)
+
+    def list_handovers(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest replies to messages handed over to a person, JSON columns decoded."""
+        return self._select("replies", limit, "WHERE handover = 1")
+
+    def handover_counts(self) -> dict[str, int]:
+        """How many messages were handed over, by intent (most first)."""
+        with self.connect() as connection:
+            rows = connection.execute(
+                "SELECT intent, COUNT(*) FROM replies WHERE handover = 1 GROUP BY intent "
+                "ORDER BY COUNT(*) DESC, intent"
+            ).fetchall()
+        return {str(intent): int(count) for intent, count in rows}
 
     def list_votes(self, limit: int | None = 100) -> list[dict[str, Any]]:
         """The newest votes first, JSON columns decoded."""

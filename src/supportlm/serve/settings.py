@@ -70,6 +70,23 @@ class AppSettings:
         "YAML file of the shop's details that fill {{placeholders}} in answers; default "
         "data/shop.yaml (the bundled shop).",
     )
+    intent_data: Path | None = _setting(  # noqa: RUF009 (returns a dataclasses.field)
+        "SUPPORTLM_INTENT_DATA",
+        None,
+        "JSONL of questions with an 'intent' the intent classifier learns from; default: the "
+        "adapter's intent_questions.jsonl, else the bundled data.",
+    )
+    handover_intents: str = _setting(
+        "SUPPORTLM_HANDOVER_INTENTS",
+        "complaint,contact_human_agent,delete_account",
+        "comma-separated intents a person must handle: the reply says so and the store flags it; "
+        "empty: none.",
+    )
+    handover_min_confidence: float = _setting(
+        "SUPPORTLM_HANDOVER_MIN_CONFIDENCE",
+        0.5,
+        "the intent classifier's probability from which a hand-over intent is acted on.",
+    )
     max_input_chars: int = _setting("SUPPORTLM_MAX_INPUT_CHARS", 4000, "longer inputs are cut.")
     max_input_tokens: int = _setting("SUPPORTLM_MAX_INPUT_TOKENS", 1024, "longer inputs are cut.")
     max_history_messages: int = _setting(
@@ -202,8 +219,13 @@ class AppSettings:
 
 
 def _convert(name: str, raw: str, hint: Any) -> Any:
-    """`raw` as the field's type: int, Path or str (optional ones too)."""
+    """`raw` as the field's type: int, float, Path or str (optional ones too)."""
     members = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    if float in members:
+        try:
+            return float(raw)
+        except ValueError as error:
+            raise SupportLMError(f"{name} must be a number, got {raw!r}.") from error
     if int in members:
         try:
             return int(raw)

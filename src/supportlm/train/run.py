@@ -66,7 +66,9 @@ def train(config: TrainConfig) -> TrainResult:
     metrics = _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics)
     with writing(output_dir) as run:
         trainer.save_model(str(run.path))
-        write_output_dir(run, config, loaded, trainer, metrics, prepared.report)
+        write_output_dir(
+            run, config, loaded, trainer, metrics, prepared.report, prepared.splits["train"]
+        )
     update_latest(RunFolder(output_dir))
     logger.info("Metrics: %s", json.dumps({k: metrics[k] for k in _SUMMARY_KEYS}))
     logger.info("Adapter and model card written to %s", output_dir)
@@ -222,6 +224,7 @@ def final_eval_metrics(trainer: SupportLMTrainer) -> dict[str, float]:
 
 def _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics) -> dict[str, Any]:
     memory, memory_kind = peak_memory_mb(loaded.device)
+    evaluations = [log for log in trainer.state.log_history if "eval_runtime" in log]
     return {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
@@ -229,6 +232,9 @@ def _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics) -> di
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_runtime_s": train_output.metrics.get("train_runtime"),
+        # Validation inside the run (included in train_runtime_s): how often and how long.
+        "evaluations": len(evaluations),
+        "eval_runtime_s": sum(log["eval_runtime"] for log in evaluations),
         "step_time_s": timer.seconds,
         "train_supervised_tokens": trainer.supervised_tokens,
         "train_supervised_tokens_per_second": (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,16 @@ import yaml
 from trl import SFTTrainer
 
 from supportlm.embedded import EMBEDDED_MODEL, EMBEDDED_UPSTREAM_ID
+from supportlm.intent_classifier import write_intent_questions
 from supportlm.modeling import LoadedModel
 from supportlm.prompts import save_prompt_style
-from supportlm.run_folder import LOSS_PLOT, METRICS_FILE, TRAINING_CONFIG_FILE, RunFolder
+from supportlm.run_folder import (
+    INTENT_QUESTIONS_FILE,
+    LOSS_PLOT,
+    METRICS_FILE,
+    TRAINING_CONFIG_FILE,
+    RunFolder,
+)
 from supportlm.train.config import TrainConfig
 
 
@@ -23,9 +31,12 @@ def write_output_dir(
     trainer: SFTTrainer,
     metrics: dict[str, Any],
     report,
+    train_examples: Sequence[Any] = (),
 ) -> None:
     """Everything someone handed only this folder needs to serve and judge the adapter."""
     output_dir = run.path
+    # What the app's intent classifier learns from (absent when the data names no intents).
+    write_intent_questions(output_dir / INTENT_QUESTIONS_FILE, train_examples)
     save_prompt_style(output_dir, loaded.tokenizer, config.model.system_prompt)
     (output_dir / TRAINING_CONFIG_FILE).write_text(
         "# Reproduce this run: python finetune/train.py --config <this file>\n"

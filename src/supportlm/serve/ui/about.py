@@ -40,6 +40,8 @@ def about_markdown(assistant: Assistant) -> str:
         f"{settings.max_input_chars} characters / {settings.max_input_tokens} tokens",
         f"- **Concurrency:** {assistant.admission.concurrency} requests at once, "
         f"{settings.max_queue} waiting at most",
+        f"- **Intents:** {assistant.router.description}; handed over to a person: "
+        f"{', '.join(sorted(assistant.router.handover_intents)) or 'none'}",
     ]
     if plan.notes:
         lines += ["", "### How this was chosen", *(f"- {note}" for note in plan.notes)]

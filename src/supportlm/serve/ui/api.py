@@ -2,8 +2,8 @@
 
 Plain functions registered with `gr.api`, so their contract stays simple whatever the UI shows:
 
-* ``/chat`` streams the reply text; ``/reply`` streams ``{"reply_id", "text", "notices"}``, the
-  reply id being what ``/feedback`` takes;
+* ``/chat`` streams the reply text; ``/reply`` streams ``{"reply_id", "text", "notices",
+  "intent", "handover"}``, the reply id being what ``/feedback`` takes;
 * ``/summarize`` and ``/translate`` stream strings;
 * ``/feedback`` stores a like, dislike or correction of a reply the server issued (the one
   feedback write path: the Chat tab's buttons, this endpoint and the soak bench all end in
@@ -94,11 +94,21 @@ class Endpoints:
         max_new_tokens: int = DEFAULTS.max_new_tokens,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[dict]:
-        """Like /chat, streaming {"reply_id", "text", "notices"}: the id /feedback takes."""
+        """Like /chat, streaming {"reply_id", "text", "notices", "intent", "handover"}.
+
+        `reply_id` is what /feedback takes; `intent` is the detected intent of `message` (null
+        without a classifier) and `handover` whether a person takes the conversation over.
+        """
         values = dict(temperature=temperature, max_new_tokens=max_new_tokens)
         updates = self._chat(message, history, system_prompt, values, request)
-        for text, caption_text, reply_id in user_facing(updates):
-            yield {"reply_id": reply_id, "text": text, "notices": caption_text.split("<small>")[0]}
+        for text, caption_text, reply_id, routing in user_facing(updates):
+            yield {
+                "reply_id": reply_id,
+                "text": text,
+                "notices": caption_text.split("<small>")[0],
+                "intent": routing.intent if routing else None,
+                "handover": bool(routing and routing.handover),
+            }
 
     def feedback(
         self,

@@ -7,6 +7,7 @@ of the conversation the browser sends back.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import gradio as gr
 
 from supportlm.engines.base import GenerationSettings
 from supportlm.serve.assistant import Assistant
+from supportlm.serve.handover import Routing
 from supportlm.serve.ui.common import (
     GenerationControls,
     caption,
@@ -49,15 +51,20 @@ def chat_events(
     client: str | None = None,
     conversation: str | None = None,
     store: bool = True,
-) -> Iterator[tuple[str, str, str]]:
-    """(reply text, caption, reply id) as the reply streams."""
+) -> Iterator[tuple[str, str, str, Routing | None]]:
+    """(reply text, caption, reply id, detected intent) as the reply streams."""
     chat = assistant.chat_request(message, history, system_prompt, settings)
     notices = notify(chat.notices)
+    # The caption names the intent and what detected it (hover: the classifier).
+    intent = ""
+    if chat.routing is not None:
+        title = html.escape(assistant.router.description)
+        intent = f' · <span title="{title}">{chat.routing.caption}</span>'
     events = assistant.chat(
         chat, settings, client_id=client, conversation_id=conversation, store=store
     )
     for event in events:
-        yield event.text, caption(event, notices), event.request_id
+        yield event.text, caption(event, notices) + intent, event.request_id, chat.routing
 
 
 def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
@@ -103,7 +110,7 @@ def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
             session_id(request),
             store=not no_store,
         )
-        for text, caption_text, reply_id in user_facing(events):
+        for text, caption_text, reply_id, _ in user_facing(events):
             yield text, caption_text, {**ids, index: reply_id}
 
     gr.ChatInterface(
