@@ -371,6 +371,26 @@ def test_evaluations_score_a_fixed_sample_and_the_last_one_is_not_repeated(
     assert metrics["eval_loss"] == min(losses)
 
 
+def test_a_run_on_two_datasets_records_both(tiny_model_dir, tmp_path) -> None:
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(
+        "".join(
+            json.dumps({"instruction": f"Is gift wrap {i} free?", "response": "Yes, always."})
+            + "\n"
+            for i in range(12)
+        )
+    )
+    bundled = str(REPO_ROOT / "data" / "customer_support.jsonl")
+    argv = tiny_args(tiny_model_dir, tmp_path / "run", "--max_steps", "1")
+    argv += ["--dataset", f"{bundled},{extra}", "--dataset_weights", "1,2"]
+    result = train(parse_config([*argv, "--eval_strategy", "no"]))
+    run = RunFolder(result.output_dir)
+    assert run.lineage()["datasets"] == [bundled, str(extra)]
+    report = json.loads((result.output_dir / "data_report.json").read_text())
+    assert report["source"] == f"{bundled} + {extra}"
+    assert run.training_config().data.dataset_weights == "1,2"
+
+
 def test_the_run_folder_loads_with_plain_peft(tiny_run, tiny_model_dir: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -29,6 +29,7 @@ from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.run_folder import default_output_dir
 from supportlm.train.data import DEFAULT_DATASET, FILE_SUFFIXES, resolve_path
 from supportlm.train.dataset import check_ratios
+from supportlm.train.mixture import dataset_sources, dataset_weights
 
 #: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
 
@@ -87,7 +88,15 @@ class DataArguments:
         default=DEFAULT_DATASET,
         metadata={
             "help": "Training data: a .jsonl/.csv/.json file (chat, instruction/response, alpaca "
-            "or sharegpt records) or a Hugging Face dataset id."
+            "or sharegpt records) or a Hugging Face dataset id; several separated by commas (or "
+            "a YAML list) are trained as one (supportlm.train.mixture)."
+        },
+    )
+    dataset_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per dataset, comma-separated (e.g. 1,0.5): scales each one's share "
+            "of the training split (0.5: a fixed half, 2: twice); validation and test unchanged."
         },
     )
     max_seq_length: int = field(
@@ -145,8 +154,15 @@ class DataArguments:
             )
         if self.max_examples is not None and self.max_examples < 1:
             raise SupportLMError(f"max_examples must be at least 1, got {self.max_examples}.")
-        if self.dataset.endswith(FILE_SUFFIXES) and resolve_path(self.dataset) is None:
-            raise SupportLMError(f"Dataset file {self.dataset} does not exist.")
+        if not isinstance(self.dataset, str):  # a YAML list
+            self.dataset = ",".join(str(source) for source in self.dataset)
+        if self.dataset_weights is not None and not isinstance(self.dataset_weights, str):
+            self.dataset_weights = ",".join(str(weight) for weight in self.dataset_weights)
+        sources = dataset_sources(self.dataset)
+        dataset_weights(self.dataset_weights, sources)  # raises on a wrong count or value
+        for source in sources:
+            if source.endswith(FILE_SUFFIXES) and resolve_path(source) is None:
+                raise SupportLMError(f"Dataset file {source} does not exist.")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import logging
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from supportlm.errors import SupportLMError
 from supportlm.prompts import IGNORE_INDEX, tokenize_conversation, with_system_prompt
-from supportlm.train.data import SPLITS, Example, load_examples
+from supportlm.train.data import SPLITS, Example
 from supportlm.train.data_report import DataReport
+from supportlm.train.mixture import dataset_sources, dataset_weights, load_mixture, weigh
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def intent_questions(examples: list[Example], share: float) -> list[Example]:
 
 
 def prepare_dataset(
-    source: str | Path,
+    source: str | Path | Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
     *,
     system_prompt: str | None,
@@ -277,6 +278,7 @@ def prepare_dataset(
     strict: bool = False,
     max_examples: int | None = None,
     intent_share: float = 0.0,
+    weights: str | Sequence[float] | None = None,
 ) -> PreparedDataset:
     """Load, clean, (optionally) sample and split `source`, and describe it in a `DataReport`.
 
@@ -284,7 +286,9 @@ def prepare_dataset(
     runs; it is taken after de-duplication so it really holds that many distinct examples.
     """
     check_ratios(validation_ratio, test_ratio)
-    examples, load_stats = load_examples(source, strict=strict)
+    sources = dataset_sources(str(source) if isinstance(source, Path) else source)
+    source_weights = dataset_weights(weights, sources)
+    examples, load_stats = load_mixture(sources, strict=strict)
     examples, clean_stats = clean_examples(examples)
     not_sampled = 0
     if max_examples is not None:
@@ -294,6 +298,7 @@ def prepare_dataset(
     examples = limit_length(examples, clean_stats, tokenizer, system_prompt, max_seq_length)
     _check_not_empty(examples, clean_stats, max_seq_length)
     splits = split_examples(examples, validation_ratio=validation_ratio, test_ratio=test_ratio)
+    splits["train"] = weigh(splits["train"], sources, source_weights)
     if intent_share:
         extra = intent_questions(splits["train"], intent_share)
         extra = limit_length(extra, clean_stats, tokenizer, system_prompt, max_seq_length)

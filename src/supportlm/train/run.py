@@ -110,6 +110,7 @@ def _prepare_data(config: TrainConfig, loaded: LoadedModel) -> PreparedDataset:
         strict=data_args.strict,
         max_examples=data_args.max_examples,
         intent_share=data_args.intent_share,
+        weights=data_args.dataset_weights,
     )
     logger.info("Data report:\n%s", prepared.report.to_markdown())
     return prepared
