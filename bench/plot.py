@@ -52,10 +52,15 @@ def plot_generation(results: dict, path: Path) -> None:
 
 
 def plot_train(results: dict, path: Path) -> None:
-    names = [("naive loop", "naive"), ("TRL defaults", "trl"), ("supportlm", "ours")]
+    names = [
+        ("naive loop", "naive"),
+        ("TRL defaults", "trl"),
+        ("supportlm", "ours"),
+        ("supportlm\npacked", "packed"),
+    ]
     cases = [(label, results[key]) for label, key in names if results.get(key)]
     labels = [label for label, _ in cases]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4))
+    figure, axes = plt.subplots(1, 4, figsize=(16, 4))
     _bars(
         axes[0],
         labels,
@@ -63,9 +68,13 @@ def plot_train(results: dict, path: Path) -> None:
         "Training speed",
         "supervised tokens/s",
     )
-    _bars(axes[1], labels, [c["eval_loss"] for _, c in cases], "Eval loss at the end", "loss")
+    _bars(axes[1], labels, [c["eval_loss"] for _, c in cases], "Held-out loss at the end", "loss")
     _bars(axes[2], labels, [c["peak_rss_mb"] / 1024 for _, c in cases], "Peak RSS", "GiB")
-    figure.suptitle(f"LoRA training: {results['steps']} steps, batch {results['batch_size']}")
+    ratios = [c.get("eval_seconds_per_batch", 0) / c["train_seconds_per_step"] for _, c in cases]
+    _bars(axes[3], labels, ratios, "Validation batch / training step", "ratio", "%.2f")
+    figure.suptitle(
+        f"LoRA training: {results['steps']} steps of {results['batch_size']} conversations"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

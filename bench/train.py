@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_examples", type=int, default=2000, help="Sample of the dataset (tokenising is slow)."
     )
     parser.add_argument(
-        "--eval_examples", type=int, default=128, help="Validation sample (as max_eval_examples)."
+        "--eval_examples", type=int, default=96, help="Validation sample (as max_eval_examples)."
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path, help="Write the results here.")

@@ -127,6 +127,14 @@ def test_adapter_is_compared_with_base_on_its_held_out_split(
         or "not installed" in (report["engine"]["reason"])
     )
     assert report["wall_s"] > 0
+    for variant in ("base", "tuned"):
+        scores = report[variant]
+        # 8 new tokens at most against the references' own length (from the perplexity counts).
+        assert scores["new_tokens_mean"] <= 8 < scores["reference_tokens_mean"]
+        assert scores["length_ratio"] == pytest.approx(
+            scores["new_tokens_mean"] / scores["reference_tokens_mean"]
+        )
+        assert 0 <= scores["answers_cut_share"] <= 1
 
     markdown = output.with_suffix(".md").read_text()
     assert "| perplexity |" in markdown and "**Tuned**" in markdown

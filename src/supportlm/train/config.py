@@ -121,7 +121,7 @@ class DataArguments:
         },
     )
     max_eval_examples: int | None = field(
-        default=128,
+        default=96,
         metadata={
             "help": "Validation conversations scored at each evaluation: a fixed sample, "
             "stratified by intent (the same questions every time, so evaluations compare "

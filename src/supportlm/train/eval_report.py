@@ -39,7 +39,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"at once; wall time {report['wall_s']:.0f} s",
         "",
         "ROUGE-L, chrF and BLEU: 0-100, higher is better. Perplexity on the reference answers and "
-        "latency: lower is better. new_tokens_mean: answer length, for reading the latencies.",
+        "latency: lower is better. new_tokens_mean: answer length (reference_tokens_mean: the "
+        "references'; length_ratio: the two's ratio); answers_cut_share: answers max_new_tokens "
+        "cut.",
         "",
     ]
     lines += _metric_table(base, tuned)
@@ -69,7 +71,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _metric_table(base: dict[str, float], tuned: dict[str, float] | None) -> list[str]:
     # Answer length is context for the latencies, neither better nor worse.
-    metrics = [*METRICS, "new_tokens_mean"]
+    metrics = [*METRICS, "new_tokens_mean", "reference_tokens_mean", "length_ratio"]
+    metrics += ["answers_cut_share"]
     if tuned is None:
         rows = ["| metric | base |", "|---|---:|"]
         return rows + [f"| {metric} | {_format(base[metric])} |" for metric in metrics]

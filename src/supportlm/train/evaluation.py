@@ -40,6 +40,7 @@ from supportlm.train.decoding import Decoder, open_decoder
 from supportlm.train.evaluation_args import EvaluationArguments
 from supportlm.train.intent_eval import intent_report
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
+from supportlm.train.mixture import dataset_sources
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,13 @@ def check_adapter(adapter: str) -> str | None:
 
 
 def _same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset settings name the same sources (paths compared resolved)."""
+
     def key(name: str) -> str:
         path = Path(name).expanduser()
         return str(path.resolve()) if path.exists() else name.rstrip("/")
 
-    return key(a) == key(b)
+    return sorted(map(key, dataset_sources(a))) == sorted(map(key, dataset_sources(b)))
 
 
 def select_data(
@@ -182,8 +185,10 @@ def _scores(
     nll: list[tuple[float, int]],
     latencies: list[float],
     new_tokens: list[int],
+    cut: list[bool],
 ) -> dict[str, float]:
     shop = _shop()
+    reference_tokens = sum(count for _, count in nll) / len(nll)
     return {
         **text_metrics(answers, references),
         # Raw {{placeholders}} as generated, and left after the app's filling (target 0).
@@ -194,6 +199,11 @@ def _scores(
         **latency_summary(latencies),
         # Latency grows with answer length: this tells a faster model from a terser one.
         "new_tokens_mean": sum(new_tokens) / len(new_tokens),
+        # Answer length against the references' (their tokens, as perplexity counted them), and
+        # how many answers max_new_tokens cut: a cap below the references' length caps ROUGE-L.
+        "reference_tokens_mean": reference_tokens,
+        "length_ratio": sum(new_tokens) / len(new_tokens) / reference_tokens,
+        "answers_cut_share": sum(cut) / len(cut),
     }
 
 
@@ -226,6 +236,7 @@ def compare(
     answers: dict[str, list[str]] = {}
     latencies: dict[str, list[float]] = {}
     new_tokens: dict[str, list[int]] = {}
+    cut: dict[str, list[bool]] = {}
     for variant in variants:  # one variant after the other: an engine switches its adapter once
         events = decoder.decode(
             prompts, settings, use_adapter=variant == "tuned", desc=f"Answers ({variant})"
@@ -233,15 +244,21 @@ def compare(
         answers[variant] = [event.text.strip() for event in events]
         latencies[variant] = [event.elapsed for event in events]
         new_tokens[variant] = [event.num_tokens for event in events]
+        cut[variant] = [event.finish_reason == "length" for event in events]
 
     result: dict[str, Any] = {variant: None for variant in VARIANTS}
     for variant in variants:
         result[variant] = _scores(
-            answers[variant], references, nll[variant], latencies[variant], new_tokens[variant]
+            answers[variant],
+            references,
+            nll[variant],
+            latencies[variant],
+            new_tokens[variant],
+            cut[variant],
         )
 
     result["by_task"] = _by_task(
-        examples, variants, answers, references, nll, latencies, new_tokens
+        examples, variants, answers, references, nll, latencies, new_tokens, cut
     )
     result["examples"] = [
         {
@@ -260,7 +277,7 @@ def compare(
     return result
 
 
-def _by_task(examples, variants, answers, references, nll, latencies, new_tokens) -> dict:
+def _by_task(examples, variants, answers, references, nll, latencies, new_tokens, cut) -> dict:
     """The same scores per ``task`` (chat, summarise, translate) where examples name one."""
     by_task: dict[str, list[int]] = defaultdict(list)
     for index, example in enumerate(examples):
@@ -276,6 +293,7 @@ def _by_task(examples, variants, answers, references, nll, latencies, new_tokens
             [nll[variant][i] for i in indices],
             [latencies[variant][i] for i in indices],
             [new_tokens[variant][i] for i in indices],
+            [cut[variant][i] for i in indices],
         )
 
     return {

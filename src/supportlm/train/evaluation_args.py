@@ -51,7 +51,11 @@ class EvaluationArguments:
             "hash), so a larger limit extends a smaller one and the tasks stay mixed."
         },
     )
-    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens per answer."})
+    # 128 cut 77 % of the Bitext reference answers (median 158 tokens, longest 283), capping
+    # ROUGE-L for a model that answers at the right length; 300 cuts none of them.
+    max_new_tokens: int = field(
+        default=300, metadata={"help": "Most tokens per answer (300: no Bitext answer is cut)."}
+    )
     repetition_penalty: float = field(
         default=GenerationSettings.repetition_penalty,
         metadata={"help": "Repetition penalty of the greedy decoding (the app's default)."},
