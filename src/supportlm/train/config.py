@@ -27,11 +27,9 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, check_choice, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.run_folder import default_output_dir
-from supportlm.train.data import DEFAULT_DATASET, FILE_SUFFIXES, resolve_path
+from supportlm.train.data import DEFAULT_DATASET
 from supportlm.train.dataset import check_ratios
-from supportlm.train.mixture import dataset_sources, dataset_weights
-
-#: Where runs are written when ``--output_dir`` is not given (relative to the working directory).
+from supportlm.train.mixture import check_mixture
 
 
 @dataclass
@@ -87,9 +85,8 @@ class DataArguments:
     dataset: str = field(
         default=DEFAULT_DATASET,
         metadata={
-            "help": "Training data: a .jsonl/.csv/.json file (chat, instruction/response, alpaca "
-            "or sharegpt records) or a Hugging Face dataset id; several separated by commas (or "
-            "a YAML list) are trained as one (supportlm.train.mixture)."
+            "help": "Training data: a .jsonl/.csv/.json file or a Hugging Face dataset id; "
+            "several, comma-separated (or a YAML list), train as one (supportlm.train.mixture)."
         },
     )
     dataset_weights: str | None = field(
@@ -107,8 +104,7 @@ class DataArguments:
         },
     )
     validation_ratio: float = field(
-        default=0.1,
-        metadata={"help": "Share of questions held out for validation (early stopping)."},
+        default=0.1, metadata={"help": "Share of questions held out for early stopping."}
     )
     test_ratio: float = field(
         default=0.1, metadata={"help": "Share of questions held out for finetune/evaluate.py."}
@@ -123,9 +119,8 @@ class DataArguments:
     max_eval_examples: int | None = field(
         default=96,
         metadata={
-            "help": "Validation conversations scored at each evaluation: a fixed sample, "
-            "stratified by intent (the same questions every time, so evaluations compare "
-            "checkpoints on equal terms). Unset (or 0): the whole validation split."
+            "help": "Validation conversations scored at each evaluation: a fixed sample stratified "
+            "by intent, the same every time. Unset or 0: the whole validation split."
         },
     )
     strict: bool = field(
@@ -148,21 +143,11 @@ class DataArguments:
         if self.max_seq_length < 16:
             raise SupportLMError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
         check_ratios(self.validation_ratio, self.test_ratio)
-        if self.max_eval_examples is not None and self.max_eval_examples < 0:
-            raise SupportLMError(
-                f"max_eval_examples must be 0 or more, got {self.max_eval_examples}."
-            )
-        if self.max_examples is not None and self.max_examples < 1:
-            raise SupportLMError(f"max_examples must be at least 1, got {self.max_examples}.")
-        if not isinstance(self.dataset, str):  # a YAML list
-            self.dataset = ",".join(str(source) for source in self.dataset)
-        if self.dataset_weights is not None and not isinstance(self.dataset_weights, str):
-            self.dataset_weights = ",".join(str(weight) for weight in self.dataset_weights)
-        sources = dataset_sources(self.dataset)
-        dataset_weights(self.dataset_weights, sources)  # raises on a wrong count or value
-        for source in sources:
-            if source.endswith(FILE_SUFFIXES) and resolve_path(source) is None:
-                raise SupportLMError(f"Dataset file {source} does not exist.")
+        for name, least in (("max_eval_examples", 0), ("max_examples", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise SupportLMError(f"{name} must be at least {least}, got {value}.")
+        self.dataset, self.dataset_weights = check_mixture(self.dataset, self.dataset_weights)
 
 
 @dataclass

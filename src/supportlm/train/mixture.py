@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from supportlm.errors import SupportLMError
-from supportlm.train.data import MAX_REPORTED_MALFORMED, Example, LoadStats, load_examples
+from supportlm.train.data import (
+    FILE_SUFFIXES,
+    MAX_REPORTED_MALFORMED,
+    Example,
+    LoadStats,
+    load_examples,
+    resolve_path,
+)
 
 
 def dataset_sources(dataset: str | Sequence[str]) -> list[str]:
@@ -42,6 +50,21 @@ def dataset_weights(weights: str | Sequence[float] | None, sources: Sequence[str
     if any(not math.isfinite(value) or value <= 0 for value in values):
         raise SupportLMError(f"dataset_weights must be positive, got {weights!r}.")
     return values
+
+
+def check_mixture(dataset: Any, weights: Any) -> tuple[str, str | None]:
+    """The `dataset` and `weights` settings as comma-separated strings (a YAML list is one),
+    checked: a weight per source, each positive, every named file there."""
+    if not isinstance(dataset, str):
+        dataset = ",".join(str(source) for source in dataset)
+    if weights is not None and not isinstance(weights, str):
+        weights = ",".join(str(weight) for weight in weights)
+    sources = dataset_sources(dataset)
+    dataset_weights(weights, sources)
+    for source in sources:
+        if source.endswith(FILE_SUFFIXES) and resolve_path(source) is None:
+            raise SupportLMError(f"Dataset file {source} does not exist.")
+    return dataset, weights
 
 
 def load_mixture(
