@@ -7,14 +7,18 @@ Both decode the same held-out prompts (base, then tuned) with the greedy setting
 measured side by side. `transformers` is what `evaluate.py` did before (one answer at a time);
 `fast` is what `evaluate.py --engine auto` picks (llama.cpp, many answers at once, the adapter
 applied as the app serves it). `speedup` is the fast engine's answers per second over
-transformers'; `same_answers` is the share of answers that are identical text (llama.cpp
-multiplies quantised weights with 8-bit activations, so near-ties may flip a later token).
+transformers'; `same_answers` is the share of answers that are identical text and
+`shared_words_median` how many words an answer pair shares before it first differs (llama.cpp
+multiplies Q8_0 weights, the adapter merged in, with 8-bit activations; transformers the
+de-quantised weights in fp32: greedy decoding turns such small differences into other words once
+two tokens are nearly tied).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,16 @@ def _timed(decoder, prompts, settings) -> dict[str, Any]:
         "new_tokens": tokens,
         "answers": answers,
     }
+
+
+def shared_words(a: str, b: str) -> int:
+    """How many words `a` and `b` share from their start."""
+    count = 0
+    for x, y in zip(a.split(), b.split(), strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": settings.max_new_tokens,
         "speedup": results["fast"]["answers_per_s"] / results["transformers"]["answers_per_s"],
         "same_answers": sum(a == b for a, b in pairs) / len(pairs),
+        "shared_words_median": statistics.median(shared_words(a, b) for a, b in pairs),
     }
 
 
@@ -108,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['engine']} | {row['concurrency']} | {row['wall_s']:.1f} | "
             f"{row['answers_per_s']:.2f} | {row['tok_s']:.1f} |"
         )
-    print(f"speedup {report['speedup']:.2f}x, same answers {report['same_answers']:.0%}")
+    print(
+        f"speedup {report['speedup']:.2f}x, same answers {report['same_answers']:.0%}, "
+        f"words shared before the first difference: median {report['shared_words_median']}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

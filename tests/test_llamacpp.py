@@ -454,19 +454,25 @@ def _error_of(engine, prompt, *, use_adapter):
     return None
 
 
-def test_evaluation_decodes_on_the_app_engine_many_at_once(adapter_dir, cache, tmp_path):
-    """finetune/evaluate.py picks llama.cpp for the GGUF base and keeps every answer in place."""
-    evaluate = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
-    main = runpy.run_path(str(evaluate), run_name="evaluate_cli")["main"]
-    # Named as finetune/train.py names an adapter of the embedded model: its upstream Hub id.
-    adapter_dir = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
-    config_file = adapter_dir / "adapter_config.json"
+@pytest.fixture(scope="module")
+def embedded_adapter_dir(adapter_dir, tmp_path_factory) -> Path:
+    """The random adapter named as finetune/train.py names one of the embedded model (its
+    upstream Hub id), so evaluation loads the embedded GGUF as its base."""
+    folder = Path(shutil.copytree(adapter_dir, tmp_path_factory.mktemp("embedded") / "adapter"))
+    config_file = folder / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = EMBEDDED_UPSTREAM_ID
     config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_evaluation_decodes_on_the_app_engine_many_at_once(embedded_adapter_dir, cache, tmp_path):
+    """finetune/evaluate.py picks llama.cpp for the GGUF base and keeps every answer in place."""
+    evaluate = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
+    main = runpy.run_path(str(evaluate), run_name="evaluate_cli")["main"]
     data = Path(__file__).resolve().parents[1] / "data" / "customer_support.jsonl"
     output = tmp_path / "eval.json"
-    argv = ["--adapter", str(adapter_dir), "--model_name_or_path", "embedded"]
+    argv = ["--adapter", str(embedded_adapter_dir), "--model_name_or_path", "embedded"]
     argv += ["--dataset", str(data), "--split", "all", "--limit", "6", "--max_new_tokens", "8"]
     assert main([*argv, "--output", str(output)]) == 0
     report = json.loads(output.read_text())
@@ -484,7 +490,8 @@ def test_evaluation_decodes_on_the_app_engine_many_at_once(adapter_dir, cache, t
     settings = GenerationSettings(max_new_tokens=8)
     single_turn = [e for e in report["examples"] if e["question"] in _first_questions(data)]
     assert single_turn
-    with LlamaCppEngine.from_gguf(GGUF, tokenizer, adapter_dir=adapter_dir, n_ctx=2048) as alone:
+    options = {"adapter_dir": embedded_adapter_dir, "n_ctx": 2048}
+    with LlamaCppEngine.from_gguf(GGUF, tokenizer, **options) as alone:
         for example in single_turn:
             messages = [{"role": "user", "content": example["question"]}]
             prompt = encode_chat(tokenizer, with_system_prompt(messages, report["system_prompt"]))
@@ -498,3 +505,23 @@ def _first_questions(path: Path) -> set[str]:
     """The questions of `path`'s one-turn conversations."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return {row["messages"][0]["content"] for row in rows if len(row["messages"]) == 2}
+
+
+def test_evaluation_bench_times_both_engines_on_the_same_prompts(
+    embedded_adapter_dir, cache, tmp_path
+):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "evaluation.py"
+    main = runpy.run_path(str(bench), run_name="bench_evaluation")["main"]
+    data = Path(__file__).resolve().parents[1] / "data" / "customer_support.jsonl"
+    output = tmp_path / "evaluation.json"
+    argv = ["--adapter", str(embedded_adapter_dir), "--dataset", str(data), "--limit", "3"]
+    assert main([*argv, "--max_new_tokens", "6", "--json", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["transformers"]["concurrency"] == 1 and report["fast"]["concurrency"] > 1
+    assert "llama.cpp" in report["fast"]["engine"]
+    for engine in ("transformers", "fast"):
+        assert [len(report[engine]["answers"][v]) for v in ("base", "tuned")] == [3, 3]
+    assert report["speedup"] == pytest.approx(
+        report["fast"]["answers_per_s"] / report["transformers"]["answers_per_s"]
+    )
+    assert 0 <= report["same_answers"] <= 1 and report["shared_words_median"] >= 0
