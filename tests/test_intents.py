@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from supportlm.errors import SupportLMError
-from supportlm.intents import canonical_intent, intent_labels, parse_intent
+from supportlm.intents import canonical_intent, intent_examples, intent_labels, parse_intent
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.train.dataset import prepare_dataset
-from supportlm.train.intent_eval import baseline_predictions, intent_examples, intent_scores
+from supportlm.train.intent_eval import baseline_predictions, intent_scores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BITEXT = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"

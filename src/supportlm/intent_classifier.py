@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from supportlm.errors import SupportLMError
-from supportlm.intents import TASK_INTENTS, canonical_intent, intent_labels
+from supportlm.intents import TASK_INTENTS, canonical_intent, intent_examples
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,12 @@ class IntentClassifier:
 
 def write_intent_questions(path: Path, examples: Sequence[Any]) -> int:
     """Save the first user message and intent of each of `examples` that names one (JSONL)."""
-    known = set(intent_labels(e.meta.get("intent") for e in examples))
-    if len(known) < 2:
+    named = intent_examples(e for e in examples if e.meta.get("task") != "intent")
+    if len({canonical_intent(e.meta["intent"]) for e in named}) < 2:
         return 0
     rows = [
         {"question": e.first_user_message, "intent": canonical_intent(e.meta["intent"])}
-        for e in examples
-        if e.meta.get("task") != "intent" and canonical_intent(e.meta.get("intent") or "") in known
+        for e in named
     ]
     path.write_text(
         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"

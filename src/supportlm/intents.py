@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 #: Bundled-data name -> the Bitext name of the same intent.
 INTENT_ALIASES = {
@@ -39,6 +40,13 @@ def intent_labels(intents: Iterable[str | None]) -> list[str]:
     """The sorted canonical customer intents among `intents` (tasks and blanks left out)."""
     labels = {canonical_intent(i) for i in intents if i}
     return sorted(labels - TASK_INTENTS)
+
+
+def intent_examples(examples: Iterable[Any]) -> list[Any]:
+    """The examples (anything with a ``meta`` dict) whose intent is a customer intent."""
+    examples = list(examples)
+    known = set(intent_labels(e.meta.get("intent") for e in examples))
+    return [e for e in examples if canonical_intent(e.meta.get("intent") or "") in known]
 
 
 def parse_intent(answer: str, labels: Sequence[str]) -> str | None:

@@ -245,13 +245,13 @@ def intent_questions(examples: list[Example], share: float) -> list[Example]:
     `supportlm.prompts.intent_request`, as evaluation asks it) and answers with the intent name,
     so the tuned model learns to name intents. Only ever added to the training split.
     """
-    from supportlm.intents import canonical_intent, intent_labels
+    from supportlm.intents import canonical_intent, intent_examples, intent_labels
     from supportlm.prompts import intent_request
 
     if not 0 <= share <= 1:
         raise SupportLMError(f"intent_share must be between 0 and 1, got {share}.")
     labels = intent_labels(e.meta.get("intent") for e in examples)
-    named = [e for e in examples if canonical_intent(e.meta.get("intent") or "") in labels]
+    named = intent_examples(examples)
     if share <= 0 or not named:
         return []
     chosen = sample_examples(named, max(1, round(share * len(named))))

@@ -16,15 +16,9 @@ from typing import Any
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 from supportlm.intent_classifier import IntentClassifier
-from supportlm.intents import canonical_intent, intent_labels
+from supportlm.intents import canonical_intent, intent_examples, intent_labels
 
 UNKNOWN = "(none)"
-
-
-def intent_examples(examples: Sequence[Any]) -> list[Any]:
-    """The examples with a customer intent (not a summarise/translate task)."""
-    known = set(intent_labels(e.meta.get("intent") for e in examples))
-    return [e for e in examples if canonical_intent(e.meta.get("intent") or "") in known]
 
 
 def intent_scores(truth: Sequence[str], predicted: Sequence[str | None]) -> dict[str, float]:
