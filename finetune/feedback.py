@@ -1,4 +1,7 @@
-"""The feedback store from the command line: erase a conversation, purge old rows.
+"""The feedback store from the command line: export it as training data, erase, purge, list.
+
+    python finetune/feedback.py export --out outputs/feedback-2026-12-01/   # sft/kto/dpo/heldout
+    python finetune/feedback.py export --out DIR --adapter_version v-... --since 2026-11-01
 
     python finetune/feedback.py erase --conversation ID      # the id shown under the chat
     python finetune/feedback.py erase --reply REPLY_ID       # the conversation of that reply
@@ -6,7 +9,7 @@
     python finetune/feedback.py handovers                    # messages a person must handle
 
 ``--db`` names the store (default: ``SUPPORTLM_FEEDBACK_DB``, else .supportlm/feedback.sqlite3).
-See `supportlm.serve.retention`.
+See `supportlm.serve.feedback_export` and `supportlm.serve.retention`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.serve.feedback import FeedbackStore
+from supportlm.serve.feedback_export import ExportFilter, export_feedback
 from supportlm.serve.retention import erase_conversation, erase_reply_conversation, purge_older_than
 from supportlm.serve.settings import AppSettings
 
@@ -26,6 +30,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--db", help="the SQLite store; default: the app's")
     commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write the feedback as TRL training data")
+    export.add_argument("--out", required=True, help="a new folder for the export")
+    export.add_argument("--adapter_version", help="only feedback on replies of this version")
+    export.add_argument("--since", help="only feedback from this date on (YYYY-MM-DD)")
+    export.add_argument("--until", help="only feedback up to this date (YYYY-MM-DD)")
+    export.add_argument(
+        "--heldout_share", type=float, default=0.2, help="questions held out for evaluation"
+    )
+    export.add_argument(
+        "--no_likes", action="store_true", help="liked replies are not supervised examples"
+    )
     erase = commands.add_parser("erase", help="delete one conversation's rows")
     which = erase.add_mutually_exclusive_group(required=True)
     which.add_argument("--conversation", help="the conversation id shown under the chat")
@@ -50,11 +65,27 @@ def print_handovers(store: FeedbackStore, limit: int) -> None:
         print(f"{reply['created_at']}  {reply['intent']}  {reply['conversation_id']}  {question}")
 
 
+def run_export(store: FeedbackStore, args: argparse.Namespace) -> None:
+    filters = ExportFilter(args.adapter_version, args.since, args.until)
+    report = export_feedback(
+        store,
+        args.out,
+        filters=filters,
+        heldout_share=args.heldout_share,
+        include_likes=not args.no_likes,
+    )
+    print(report.to_markdown())
+    print(f"written to {args.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     supportlm.setup_logging()
     args = parse_args(argv)
     try:
         store = FeedbackStore(args.db or AppSettings.from_env().feedback_db)
+        if args.command == "export":
+            run_export(store, args)
+            return 0
         if args.command == "handovers":
             print_handovers(store, args.limit)
             return 0

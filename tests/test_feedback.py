@@ -8,6 +8,7 @@ import pytest
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.feedback import SCHEMA_VERSION, FeedbackStore, ReplyRecord
+from supportlm.serve.feedback_export import export_feedback
 
 CONVERSATION = [
     {"role": "system", "content": "Be helpful."},
@@ -121,23 +122,6 @@ def test_list_feedback_decodes_json_newest_first(store):
     assert [reply["reply_id"] for reply in store.list_replies()] == ["r1"]
 
 
-def test_export_jsonl_turns_corrections_into_chat_examples(store, tmp_path):
-    add_reply(store)
-    store.add_feedback("like", "r1")
-    store.add_feedback("correction", "r1", corrected_answer="It ships on Monday.")
-    count = store.export_jsonl(tmp_path / "out" / "corrections.jsonl")
-    lines = (tmp_path / "out" / "corrections.jsonl").read_text().splitlines()
-    assert count == 1 and len(lines) == 1
-    example = json.loads(lines[0])
-    assert example == {
-        "messages": [
-            {"role": "system", "content": "Be helpful."},
-            {"role": "user", "content": "I am [EMAIL], where is order #4521?"},
-            {"role": "assistant", "content": "It ships on Monday."},
-        ]
-    }
-
-
 def test_concurrent_writes_from_threads(store):
     threads_count, per_thread = 8, 25
     errors: list[BaseException] = []
@@ -189,7 +173,8 @@ def test_a_schema_1_database_from_the_first_release_is_migrated_and_keeps_its_ro
     assert old[0]["corrected_answer"] == "Please share your order number."
     assert old[0]["reply_id"] is None  # written before replies had ids
     assert store.list_votes()[0]["choice"] == "tuned"
-    assert store.export_jsonl(tmp_path / "sft.jsonl") == 1
+    report = export_feedback(store, tmp_path / "export", heldout_share=0)
+    assert report.rows["sft"] == 2 and report.rows["dpo"] == 2  # the correction, the like; + vote
     add_reply(store)  # and the migrated store takes new rows
     store.add_feedback("like", "r1")
     assert len(store.list_feedback()) == 3

@@ -47,6 +47,8 @@ METRICS_FILE = "metrics.json"
 #: The training split's questions and intents, which the app's intent classifier learns from.
 INTENT_QUESTIONS_FILE = "intent_questions.jsonl"
 LOSS_PLOT = "loss.png"
+#: The report of a feedback export (`supportlm.serve.feedback_export`), beside its JSONL files.
+FEEDBACK_EXPORT_REPORT = "export.json"
 RUN_FORMAT = 1
 
 

@@ -339,34 +339,6 @@ class FeedbackStore:
         """The newest votes first, JSON columns decoded."""
         return self._select("votes", limit)
 
-    def export_jsonl(self, path: str | os.PathLike[str]) -> int:
-        """Write the corrections as chat-shaped training examples; returns how many.
-
-        Each line is ``{"messages": [...]}``: the conversation before the corrected reply followed
-        by the corrected answer as the assistant turn, the shape `supportlm.data` loads and
-        ``finetune/train.py`` trains on. Support teams can so fine-tune the next adapter on the
-        answers their agents fixed. Oldest corrections come first.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = self._select("feedback", None, "WHERE kind = 'correction'")[::-1]
-        count = 0
-        with path.open("w", encoding="utf-8") as file:
-            for row in rows:
-                conversation = row["conversation"]
-                end = row["message_index"] if row["message_index"] is not None else None
-                history = conversation[:end]
-                # The rated reply itself is replaced by the correction.
-                if end is None and history and history[-1].get("role") == "assistant":
-                    history = history[:-1]
-                messages = [
-                    {"role": message["role"], "content": message["content"]} for message in history
-                ]
-                messages.append({"role": "assistant", "content": row["corrected_answer"]})
-                file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-                count += 1
-        return count
-
 
 def open_store(path: str | os.PathLike[str]) -> tuple[FeedbackStore | None, str | None]:
     """The store at `path`, or ``None`` and a notice for users when it cannot be used.
