@@ -126,7 +126,7 @@ def load_base(args: argparse.Namespace):
 
 
 def lora_config():
-    from supportlm.train.config import LoraArguments
+    from supportlm.train.lora import LoraArguments
 
     return LoraArguments().to_peft_config()
 

@@ -27,8 +27,10 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, check_choice, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.run_folder import default_output_dir
+from supportlm.train.continued import resolve_init_adapter
 from supportlm.train.data import DEFAULT_DATASET
 from supportlm.train.dataset import check_ratios
+from supportlm.train.lora import LoraArguments
 from supportlm.train.mixture import check_mixture
 
 
@@ -61,6 +63,13 @@ class ModelArguments:
     device: str = field(
         default="auto", metadata={"help": "Device to train on: auto, cpu, cuda, cuda:1…"}
     )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue this adapter (a run folder, or 'latest') instead of a new LoRA: same "
+            "base and LoRA shape, checked. The run is a candidate for finetune/promote.py."
+        },
+    )
     system_prompt: str = field(
         default=DEFAULT_SYSTEM_PROMPT,
         metadata={
@@ -76,6 +85,7 @@ class ModelArguments:
             raise SupportLMError(f"Unknown device {self.device!r}; use auto, cpu or cuda[:N].")
         # Resolving reads no weights but rejects a missing folder or file right away.
         resolve_model(self.model_name_or_path)
+        resolve_init_adapter(self.init_adapter)
 
 
 @dataclass
@@ -95,6 +105,17 @@ class DataArguments:
             "help": "One weight per dataset, comma-separated (e.g. 1,0.5): scales each one's share "
             "of the training split (0.5: a fixed half, 2: twice); validation and test unchanged."
         },
+    )
+    replay_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Original training data replayed beside new data (e.g. feedback), so old "
+            "skills are not forgotten; its validation and test questions are held out too."
+        },
+    )
+    replay_share: float = field(
+        default=0.5,
+        metadata={"help": "Share of the training split taken from replay_dataset."},
     )
     max_seq_length: int = field(
         default=512,
@@ -148,55 +169,10 @@ class DataArguments:
             if value is not None and value < least:
                 raise SupportLMError(f"{name} must be at least {least}, got {value}.")
         self.dataset, self.dataset_weights = check_mixture(self.dataset, self.dataset_weights)
-
-
-@dataclass
-class LoraArguments:
-    """The LoRA adapter: what is trained while the base stays frozen."""
-
-    lora_r: int = field(
-        default=16, metadata={"help": "Rank of the update matrices: more capacity, more memory."}
-    )
-    lora_alpha: int = field(
-        default=32, metadata={"help": "Scale of the update (alpha / r multiplies it)."}
-    )
-    lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the adapter input: regularises small data."}
-    )
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={
-            "help": "Layers that get an adapter: 'all-linear' (every linear layer but the output "
-            "head) or a comma-separated list such as 'q_proj,v_proj'."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.lora_r < 1:
-            raise SupportLMError(f"lora_r must be at least 1, got {self.lora_r}.")
-        if self.lora_alpha <= 0:
-            raise SupportLMError(f"lora_alpha must be positive, got {self.lora_alpha}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise SupportLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if not self.lora_target_modules.strip():
-            raise SupportLMError("lora_target_modules must name at least one layer.")
-
-    @property
-    def target_modules(self) -> str | list[str]:
-        if self.lora_target_modules == "all-linear":
-            return "all-linear"
-        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
-
-    def to_peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.target_modules,
-            task_type="CAUSAL_LM",
-        )
+        if not 0 < self.replay_share < 1:
+            raise SupportLMError(f"replay_share must be in (0, 1), got {self.replay_share}.")
+        if self.replay_dataset:
+            check_mixture(self.replay_dataset, None)
 
 
 @dataclass

@@ -26,7 +26,13 @@ from supportlm.errors import SupportLMError
 from supportlm.prompts import IGNORE_INDEX, tokenize_conversation, with_system_prompt
 from supportlm.train.data import SPLITS, Example
 from supportlm.train.data_report import DataReport
-from supportlm.train.mixture import dataset_sources, dataset_weights, load_mixture, weigh
+from supportlm.train.mixture import (
+    dataset_sources,
+    dataset_weights,
+    load_mixture,
+    weigh,
+    with_replay,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -279,16 +285,20 @@ def prepare_dataset(
     max_examples: int | None = None,
     intent_share: float = 0.0,
     weights: str | Sequence[float] | None = None,
+    replay: str | None = None,
+    replay_share: float = 0.5,
 ) -> PreparedDataset:
     """Load, clean, (optionally) sample and split `source`, and describe it in a `DataReport`.
 
     `max_examples` keeps a deterministic sample (`sample_examples`) before tokenising, for quick
     runs; it is taken after de-duplication so it really holds that many distinct examples.
+    `replay` is loaded with the sources and makes up `replay_share` of the training split
+    (`supportlm.train.mixture.with_replay`).
     """
     check_ratios(validation_ratio, test_ratio)
     sources = dataset_sources(str(source) if isinstance(source, Path) else source)
     source_weights = dataset_weights(weights, sources)
-    examples, load_stats = load_mixture(sources, strict=strict)
+    examples, load_stats = load_mixture(sources + ([replay] if replay else []), strict=strict)
     examples, clean_stats = clean_examples(examples)
     not_sampled = 0
     if max_examples is not None:
@@ -298,7 +308,9 @@ def prepare_dataset(
     examples = limit_length(examples, clean_stats, tokenizer, system_prompt, max_seq_length)
     _check_not_empty(examples, clean_stats, max_seq_length)
     splits = split_examples(examples, validation_ratio=validation_ratio, test_ratio=test_ratio)
-    splits["train"] = weigh(splits["train"], sources, source_weights)
+    splits["train"] = with_replay(
+        splits["train"], replay, replay_share, lambda part: weigh(part, sources, source_weights)
+    )
     if intent_share:
         extra = intent_questions(splits["train"], intent_share)
         extra = limit_length(extra, clean_stats, tokenizer, system_prompt, max_seq_length)

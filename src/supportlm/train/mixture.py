@@ -11,7 +11,7 @@ training examples, 2 repeats them twice, so validation and test stay what the da
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from supportlm.errors import SupportLMError
@@ -114,3 +114,24 @@ def weigh(examples: list[Example], sources: Sequence[str], weights: Sequence[flo
         if part and extra:
             weighted += sample_examples(part, extra)
     return weighted
+
+
+def with_replay(
+    examples: list[Example],
+    replay: str | None,
+    share: float,
+    weigh_new: Callable[[list[Example]], list[Example]],
+) -> list[Example]:
+    """The training examples: the new ones weighed by `weigh_new`, and the replay source's
+    repeated or sampled (`weigh`) so that they make up `share` of the result."""
+    if not replay:
+        return weigh_new(examples)
+    new = weigh_new([e for e in examples if e.meta.get("dataset") != replay])
+    old = [e for e in examples if e.meta.get("dataset") == replay]
+    if not new or not old:
+        raise SupportLMError(
+            f"Replay needs training examples from both the new data ({len(new)}) and "
+            f"{replay} ({len(old)})."
+        )
+    wanted = len(new) * share / (1 - share)
+    return new + weigh(old, [replay], [wanted / len(old)])

@@ -24,7 +24,9 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.run_folder import RunFolder, update_latest, writing
 from supportlm.train.config import TrainConfig
+from supportlm.train.continued import lineage, resolve_init_adapter
 from supportlm.train.dataset import PreparedDataset, prepare_dataset, stratified_sample
+from supportlm.train.lora import check_lora_shape
 from supportlm.train.output_dir import prepare_output_dir
 from supportlm.train.run_card import write_output_dir
 from supportlm.train.trainer import StepTimer, SupportLMTrainer, perplexity, tokenize_examples
@@ -58,7 +60,8 @@ def train(config: TrainConfig) -> TrainResult:
         output_dir, training.resume_from_checkpoint, training.overwrite_output_dir
     )
     logger.info("Resolved config:\n%s", yaml.safe_dump(config.to_flat_dict(), sort_keys=False))
-    loaded = _load_model(config)
+    parent = resolve_init_adapter(config.model.init_adapter)
+    loaded = _load_model(config, parent)
     prepared = _prepare_data(config, loaded)
     trainer, timer = _build_trainer(config, loaded, prepared, output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -69,21 +72,32 @@ def train(config: TrainConfig) -> TrainResult:
         write_output_dir(
             run, config, loaded, trainer, metrics, prepared.report, prepared.splits["train"]
         )
-    update_latest(RunFolder(output_dir))
+        run.write_record(loaded.source.name, lineage(config, parent=parent))
+    if parent is None:
+        update_latest(RunFolder(output_dir))
+    else:
+        logger.info(
+            "A candidate continued from %s: compare it (finetune/evaluate.py --adapter %s "
+            "--against %s), then serve it with finetune/promote.py.",
+            parent.path, output_dir, parent.path,
+        )  # fmt: skip
     logger.info("Metrics: %s", json.dumps({k: metrics[k] for k in _SUMMARY_KEYS}))
     logger.info("Adapter and model card written to %s", output_dir)
     return TrainResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
 
-def _load_model(config: TrainConfig) -> LoadedModel:
+def _load_model(config: TrainConfig, parent: RunFolder | None = None) -> LoadedModel:
     model_args = config.model
     loaded = load_model(
         model_args.model_name_or_path,
         quantization=model_args.quantization,
         dtype=model_args.dtype,
         device=model_args.device,
+        adapter=None if parent is None else str(parent.path),
         is_trainable=True,
     )
+    if parent is not None:
+        check_lora_shape(parent, loaded.model, config.lora)
     if loaded.device == "cpu":
         # One thread per physical core: hyper-threads share the FMA units and only add contention.
         torch.set_num_threads(physical_cores())
@@ -111,6 +125,8 @@ def _prepare_data(config: TrainConfig, loaded: LoadedModel) -> PreparedDataset:
         max_examples=data_args.max_examples,
         intent_share=data_args.intent_share,
         weights=data_args.dataset_weights,
+        replay=data_args.replay_dataset,
+        replay_share=data_args.replay_share,
     )
     logger.info("Data report:\n%s", prepared.report.to_markdown())
     return prepared
@@ -159,7 +175,8 @@ def _build_trainer(
         train_dataset=datasets["train"],
         eval_dataset=eval_dataset,
         processing_class=loaded.tokenizer,
-        peft_config=config.lora.to_peft_config(),
+        # A continued adapter is already a PeftModel, trainable: TRL trains it as it is.
+        peft_config=None if loaded.adapter else config.lora.to_peft_config(),
         callbacks=callbacks,
     )
     _log_sizes(trainer, prepared)

@@ -22,7 +22,6 @@ from supportlm.run_folder import (
     RunFolder,
 )
 from supportlm.train.config import TrainConfig
-from supportlm.train.mixture import dataset_sources
 
 
 def write_output_dir(
@@ -47,8 +46,6 @@ def write_output_dir(
     report.save(output_dir)
     plot_loss(trainer.state.log_history, output_dir / LOSS_PLOT)
     (output_dir / "README.md").write_text(model_card(config, loaded, metrics, report))
-    lineage = {"method": "sft", "datasets": dataset_sources(config.data.dataset), "parent": None}
-    run.write_record(loaded.source.name, lineage)
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
