@@ -344,3 +344,22 @@ def intent_request(question: str, labels: Sequence[str]) -> Message:
         f"list and nothing else: {', '.join(labels)}.\n\nMessage:\n{question}"
     )
     return {"role": "user", "content": content}
+
+
+#: Inserted after the first character of a special-token string found in text that a library
+#: will tokenise without `split_special_tokens` (TRL's preference trainers, a remote server).
+NEUTRALIZER = "\u2060"  # WORD JOINER: invisible, and no tokenizer merges it into a special token
+
+
+def neutralize_special_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`text` with every special-token string (``<|im_start|>``…) broken up, so that a tokenizer
+    that parses special tokens reads it as ordinary text, as `encode_chat` does by itself."""
+    specials = sorted(
+        {t for t in tokenizer.all_special_tokens if len(t) > 1}
+        | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+        key=len,
+        reverse=True,
+    )
+    for token in specials:
+        text = text.replace(token, token[0] + NEUTRALIZER + token[1:])
+    return text

@@ -56,17 +56,29 @@ def feedback_exports(datasets: list[str]) -> list[dict[str, Any]]:
     return exports
 
 
-def lineage(config: Any, method: str = "sft", parent: RunFolder | None = None) -> dict[str, Any]:
-    """What a run came from: method, datasets (replay included), parent, feedback exports."""
-    datasets = dataset_sources(config.data.dataset)
-    replay = config.data.replay_dataset
+def lineage(
+    datasets: list[str],
+    method: str,
+    parent: RunFolder | None = None,
+    replay: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a run came from: method, datasets, replay, parent and its version, feedback exports."""
     return {
         "method": method,
         "datasets": datasets,
-        "replay": {"dataset": replay, "share": config.data.replay_share} if replay else None,
+        "replay": replay,
         "parent": parent_record(parent),
         "feedback_exports": feedback_exports(datasets),
     }
+
+
+def run_lineage(config: Any, parent: RunFolder | None) -> dict[str, Any]:
+    """The lineage of a `finetune/train.py` run."""
+    data = config.data
+    replay = {"dataset": data.replay_dataset, "share": data.replay_share}
+    return lineage(
+        dataset_sources(data.dataset), "sft", parent, replay if data.replay_dataset else None
+    )
 
 
 def parent_record(parent: RunFolder | None) -> dict[str, Any] | None:

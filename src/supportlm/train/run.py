@@ -24,7 +24,7 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.run_folder import RunFolder, update_latest, writing
 from supportlm.train.config import TrainConfig
-from supportlm.train.continued import lineage, resolve_init_adapter
+from supportlm.train.continued import resolve_init_adapter, run_lineage
 from supportlm.train.dataset import PreparedDataset, prepare_dataset, stratified_sample
 from supportlm.train.lora import check_lora_shape
 from supportlm.train.output_dir import prepare_output_dir
@@ -72,7 +72,7 @@ def train(config: TrainConfig) -> TrainResult:
         write_output_dir(
             run, config, loaded, trainer, metrics, prepared.report, prepared.splits["train"]
         )
-        run.write_record(loaded.source.name, lineage(config, parent=parent))
+        run.write_record(loaded.source.name, run_lineage(config, parent))
     if parent is None:
         update_latest(RunFolder(output_dir))
     else:
