@@ -50,6 +50,9 @@ LOSS_PLOT = "loss.png"
 #: The report of a feedback export (`supportlm.serve.feedback_export`), beside its JSONL files.
 FEEDBACK_EXPORT_REPORT = "export.json"
 RUN_FORMAT = 1
+#: The adapter shipped in the repository (`finetune/configs/release.yaml`): served when no run of
+#: the user's own is there (``outputs/latest``).
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / "supportlm-smollm2"
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,30 @@ def run_name(model_name_or_path: str) -> str:
 
 def default_output_dir(model_name_or_path: str) -> Path:
     return OUTPUTS_DIR / run_name(model_name_or_path)
+
+
+def point_latest(run: RunFolder | None, outputs_dir: str | os.PathLike = OUTPUTS_DIR) -> None:
+    """Point ``outputs/latest`` at `run` wherever it lives (None: remove the pointer); atomic.
+
+    `finetune/promote.py` uses it; a run under `outputs_dir` is named relative to it.
+    """
+    outputs = Path(outputs_dir).resolve()
+    pointer = outputs / LATEST_FILE
+    if run is None:
+        pointer.unlink(missing_ok=True)
+        return
+    folder = run.path.resolve()
+    name = folder.relative_to(outputs).as_posix() if outputs in folder.parents else str(folder)
+    with atomic_target(pointer) as partial:
+        partial.write_text(name + "\n", encoding="utf-8")
+
+
+def served_run(outputs_dir: str | os.PathLike = OUTPUTS_DIR) -> RunFolder | None:
+    """What the app serves by default: the latest run, else the shipped adapter, else none."""
+    run = latest_run(outputs_dir)
+    if run is None and RunFolder(SHIPPED_ADAPTER).is_adapter():
+        run = RunFolder(SHIPPED_ADAPTER)
+    return run
 
 
 def update_latest(run: RunFolder, outputs_dir: str | os.PathLike = OUTPUTS_DIR) -> bool:

@@ -179,7 +179,7 @@ def _shop() -> ShopDetails:
     return ShopDetails.load()
 
 
-def _scores(
+def answer_scores(
     answers: list[str],
     references: list[str],
     nll: list[tuple[float, int]],
@@ -248,7 +248,7 @@ def compare(
 
     result: dict[str, Any] = {variant: None for variant in VARIANTS}
     for variant in variants:
-        result[variant] = _scores(
+        result[variant] = answer_scores(
             answers[variant],
             references,
             nll[variant],
@@ -287,7 +287,7 @@ def _by_task(examples, variants, answers, references, nll, latencies, new_tokens
     def scores(variant: str, indices: list[int]) -> dict[str, float] | None:
         if variant not in variants:
             return None
-        return _scores(
+        return answer_scores(
             [answers[variant][i] for i in indices],
             [references[i] for i in indices],
             [nll[variant][i] for i in indices],

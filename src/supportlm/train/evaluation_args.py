@@ -23,6 +23,21 @@ class EvaluationArguments:
             "model is evaluated (tuned = null), e.g. to measure the starting point."
         },
     )
+    against: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score --adapter (new) against this adapter (old; a run folder or 'latest') "
+            "on the old one's held-out test split and the held-out feedback; finetune/promote.py "
+            "reads the report (versus.json in the new run folder)."
+        },
+    )
+    feedback: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out feedback for --against (heldout.jsonl of finetune/feedback.py "
+            "export); default: the export the new adapter was trained on."
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -96,6 +111,8 @@ class EvaluationArguments:
             raise SupportLMError(f"limit must be at least 1, got {self.limit}.")
         if self.batch_size < 1:
             raise SupportLMError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.against is not None and self.adapter is None:
+            raise SupportLMError("--against compares two adapters: pass --adapter too.")
         if self.output is not None and not self.output.endswith(".json"):
             raise SupportLMError(f"output must be a .json file, got {self.output}.")
         # Raises on invalid values before any model is loaded.
@@ -113,5 +130,5 @@ class EvaluationArguments:
         if self.output is not None:
             return Path(self.output)
         if self.adapter is not None and Path(self.adapter).is_dir():
-            return Path(self.adapter) / "eval.json"
+            return Path(self.adapter) / ("versus-report.json" if self.against else "eval.json")
         return Path("outputs") / "eval-base.json"
