@@ -78,9 +78,10 @@ class RunFolder:
 
     @classmethod
     def resolve(cls, spec: str | os.PathLike, outputs_dir: str | os.PathLike = OUTPUTS_DIR):
-        """`spec` as a run folder: a path, or ``latest`` for the newest run under `outputs_dir`."""
+        """`spec` as a run folder: a path, or ``latest`` for what the app serves by default (the
+        run `outputs_dir`/latest names, else the shipped adapter)."""
         if str(spec) == LATEST:
-            run = latest_run(outputs_dir)
+            run = served_run(outputs_dir)
             if run is None:
                 raise SupportLMError(
                     f"There is no latest run: {Path(outputs_dir) / LATEST_FILE} names no adapter "

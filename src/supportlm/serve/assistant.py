@@ -35,6 +35,7 @@ from supportlm.placeholders import ShopDetails
 from supportlm.run_folder import PromptStyle, RunFolder
 from supportlm.serve.admission import Admission, RateLimit
 from supportlm.serve.conversation import ChatRequest, build_chat_request
+from supportlm.serve.engine_slot import EngineSlot
 from supportlm.serve.feedback import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
 from supportlm.serve.handover import IntentRouter
 from supportlm.serve.history import cap_text
@@ -63,14 +64,11 @@ class Assistant:
         feedback: FeedbackStore | None = None,
         admission: Admission | None = None,
     ) -> None:
-        self.engine = engine
-        self.plan = plan
+        self.slot = EngineSlot(engine)
         self.settings = plan.settings
-        self.run = RunFolder(plan.adapter) if plan.adapter else None
-        style = self.run.prompt_style() if self.run else PromptStyle.default()
-        self.system_prompt = system_prompt or style.system_prompt
+        self._system_prompt = system_prompt
+        self._serve_adapter_of(plan)
         self.shop = ShopDetails.load(self.settings.shop)
-        self.router = IntentRouter.from_settings(self.settings, self.run)
         self.feedback_notice: str | None = None
         if feedback is None:
             feedback, self.feedback_notice = open_store(self.settings.feedback_db)
@@ -83,6 +81,26 @@ class Assistant:
             self.settings.max_queue,
             rate_limit=self.settings.rate_limit,
         )
+
+    def _serve_adapter_of(self, plan: ServingPlan) -> None:
+        """The adapter's run folder, system prompt and intent router, for `plan`."""
+        self.plan = plan
+        self.run = RunFolder(plan.adapter) if plan.adapter else None
+        style = self.run.prompt_style() if self.run else PromptStyle.default()
+        self.system_prompt = self._system_prompt or style.system_prompt
+        self.router = IntentRouter.from_settings(self.settings, self.run)
+
+    def adopt(self, engine: Engine, plan: ServingPlan) -> Engine:
+        """Serve `engine` (built for `plan`) from the next request on; requests already running
+        finish on the old engine, which is closed after them (`EngineSlot`). Returns the old."""
+        old = self.slot.replace(engine)
+        self._serve_adapter_of(plan)
+        return old
+
+    @property
+    def engine(self) -> Engine:
+        """The engine new requests are served by."""
+        return self.slot.current
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -148,13 +166,18 @@ class Assistant:
         whole text is stored when it finishes; ``store=False`` (the user opted out) or a store
         that is off stores nothing.
         """
-        request = self.engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
+        with self.slot.lease() as engine:  # to the last token, even across an adapter switch
+            yield from self._chat_on(engine, chat, settings, use_adapter, client_id,
+                                     conversation_id, store)  # fmt: skip
+
+    def _chat_on(self, engine, chat, settings, use_adapter, client_id, conversation_id, store):
+        request = engine.request(chat.prompt_ids, settings, use_adapter=use_adapter)
         stored = None if store and self.feedback is not None else False
-        for raw in self._admitted(self.engine.stream(request), client_id):
+        for raw in self._admitted(engine.stream(request), client_id):
             # What the customer sees (and what is stored): placeholders filled or asked for.
             event = dataclasses.replace(raw, text=self.shop.fill(raw.text, final=raw.finished))
             if stored is None:  # tried once, at the first event: a failing store costs one try
-                stored = self._store_reply(chat, request, event, conversation_id)
+                stored = self._store_reply(chat, request, event, conversation_id, engine)
             elif event.finished and stored:
                 finish = functools.partial(
                     self.feedback.finish_reply, request.request_id, event.text, event.finish_reason
@@ -182,11 +205,14 @@ class Assistant:
             yield base, tuned
 
     def _task(
-        self, start: Callable[[threading.Event], Iterator[StreamEvent]], client_id: str | None
+        self,
+        start: Callable[[threading.Event, Engine], Iterator[StreamEvent]],
+        client_id: str | None,
     ) -> Iterator[StreamEvent]:
         """A multi-call task (summary, translation) in one slot; its stop event ends every call."""
         stop_event = threading.Event()
-        yield from self._admitted(start(stop_event), client_id, stop_event)
+        with self.slot.lease() as engine:
+            yield from self._admitted(start(stop_event, engine), client_id, stop_event)
 
     def summarize(
         self,
@@ -199,9 +225,9 @@ class Assistant:
     ) -> Iterator[StreamEvent]:
         from supportlm.serve.tasks.summarize import summarize
 
-        def start(stop_event: threading.Event) -> Iterator[StreamEvent]:
+        def start(stop_event: threading.Event, engine: Engine) -> Iterator[StreamEvent]:
             return summarize(
-                self.engine,
+                engine,
                 text,
                 style,
                 settings,
@@ -225,9 +251,9 @@ class Assistant:
     ) -> Iterator[StreamEvent]:
         from supportlm.serve.tasks.translate import translate
 
-        def start(stop_event: threading.Event) -> Iterator[StreamEvent]:
+        def start(stop_event: threading.Event, engine: Engine) -> Iterator[StreamEvent]:
             return translate(
-                self.engine,
+                engine,
                 text,
                 target_language,
                 settings,
@@ -252,6 +278,7 @@ class Assistant:
         request: GenerationRequest,
         event: StreamEvent,
         conversation_id: str | None,
+        engine: Engine,
     ) -> bool:
         self._purge_if_due()
         adapter = request.adapter
@@ -263,7 +290,7 @@ class Assistant:
             model_id=self.plan.model,
             adapter_id=None if adapter is None else adapter.name,
             adapter_version=None if adapter is None else adapter.version,
-            backend=self.engine.name,
+            backend=engine.name,
             settings={
                 **request.settings.to_dict(),
                 "system_prompt": next(

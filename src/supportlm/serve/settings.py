@@ -24,11 +24,12 @@ from typing import Any
 from supportlm import embedded
 from supportlm.engines.llamacpp import WEIGHTS_CHOICES, is_available
 from supportlm.errors import SupportLMError
-from supportlm.run_folder import latest_run
+from supportlm.run_folder import SHIPPED_ADAPTER, served_run
 
 logger = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
+NO_ADAPTER = "none"
 
 
 def default_feedback_path() -> Path:
@@ -56,7 +57,19 @@ class AppSettings:
     adapter: str | None = _setting(
         "SUPPORTLM_ADAPTER",
         None,
-        "LoRA adapter folder or Hub id; default: the latest run of finetune/train.py.",
+        "LoRA adapter folder or Hub id, or 'none' for the base model alone; default: the "
+        "latest run (outputs/latest), else the adapter shipped in models/supportlm-smollm2.",
+    )
+    adapter_watch_s: float = _setting(
+        "SUPPORTLM_ADAPTER_WATCH_S",
+        5.0,
+        "seconds between checks for a newly promoted adapter (outputs/latest), served without a "
+        "restart; 0: never. Not when SUPPORTLM_ADAPTER names one.",
+    )
+    admin_token: str | None = _setting(
+        "SUPPORTLM_ADMIN_TOKEN",
+        None,
+        "enables the /reload_adapter API endpoint for callers that send this token.",
     )
     backend: str = _setting("SUPPORTLM_BACKEND", "auto", "auto, transformers or llama.cpp.")
     feedback_db: Path = _setting(  # noqa: RUF009 (returns a dataclasses.field)
@@ -261,15 +274,11 @@ def resolve_model_and_adapter(
     """
     from supportlm.modeling import adapter_base_model
 
-    if model is None and adapter is None:
-        trained = latest_run()
-        if trained is not None:
-            adapter = str(trained.path)
-            _note(
-                notes,
-                f"Serving the adapter trained by finetune/train.py at {adapter} "
-                "(no SUPPORTLM_MODEL or SUPPORTLM_ADAPTER set).",
-            )
+    if adapter == NO_ADAPTER:
+        adapter = None
+        _note(notes, "No adapter: SUPPORTLM_ADAPTER=none serves the base model alone.")
+    elif model is None and adapter is None:
+        adapter = default_adapter(notes)
     if model is None and adapter is not None:
         model = adapter_base_model(adapter) or embedded.EMBEDDED_MODEL
         _note(notes, f"Base model {model} (recorded with the adapter).")
@@ -282,6 +291,22 @@ def resolve_model_and_adapter(
         )
         model = embedded.EMBEDDED_UPSTREAM_ID
     return model, adapter
+
+
+def default_adapter(notes: list[str] | None = None) -> str | None:
+    """The latest run of finetune/train.py (or promote.py), else the shipped adapter."""
+    served = served_run()
+    if served is None:
+        return None
+    if notes is not None:
+        shipped = served.path == SHIPPED_ADAPTER
+        _note(
+            notes,
+            f"Serving the {'adapter shipped with supportlm' if shipped else 'latest run'} at "
+            f"{served.path} (no SUPPORTLM_MODEL or SUPPORTLM_ADAPTER set"
+            f"{'; no outputs/latest' if shipped else ''}).",
+        )
+    return str(served.path)
 
 
 def _has_cuda() -> bool:

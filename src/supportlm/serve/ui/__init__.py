@@ -14,6 +14,7 @@ from supportlm.engines.base import Engine
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
 from supportlm.serve.settings import AppSettings, ServingPlan
+from supportlm.serve.switching import AdapterSwitcher
 from supportlm.serve.ui.about import about_tab
 from supportlm.serve.ui.api import register_api
 from supportlm.serve.ui.chat import PRIVACY_NOTICE, chat_tab
@@ -30,20 +31,27 @@ def build_demo(
     assistant: Assistant | None = None,
 ) -> gr.Blocks:
     """The whole app around one shared model; `engine` or `assistant` skip loading (tests)."""
+    switcher = None
     if assistant is None:
         plan = plan or AppSettings.from_env().resolve()
         assistant = Assistant(engine or build_engine(plan), plan)
+        switcher = AdapterSwitcher(assistant)  # a promoted adapter is served without a restart
+        switcher.start()
     settings = assistant.settings
     max_reply = max_reply_tokens(assistant.context_length, settings.max_input_tokens)
-    tuned = " with a fine-tuned LoRA adapter" if assistant.engine.has_adapter else ""
+
+    def header() -> str:  # on every page load: the engine may have switched adapters since
+        tuned = " with a fine-tuned LoRA adapter" if assistant.engine.has_adapter else ""
+        return (
+            f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
+            f"Serving **{assistant.engine.description}**."
+        )
+
     # Uploads older than an hour are deleted every hour (each is also deleted once read).
     with gr.Blocks(
         title="supportlm · customer-service assistant", fill_width=False, delete_cache=(3600, 3600)
     ) as demo:
-        gr.Markdown(
-            f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
-            f"Serving **{assistant.engine.description}**."
-        )
+        gr.Markdown(header)
         if settings.hf_oauth:
             gr.LoginButton()
         if assistant.feedback_notice:
@@ -59,7 +67,7 @@ def build_demo(
                 compare_tab(assistant, max_reply)
             with gr.Tab("About", id="about"):
                 about_tab(assistant)
-        register_api(assistant)
+        register_api(assistant, switcher)
 
         def privacy_notice(request: gr.Request) -> str:
             return PRIVACY_NOTICE.format(conversation=session_id(request))

@@ -12,7 +12,8 @@ from supportlm.serve.assistant import Assistant
 
 
 def about_tab(assistant: Assistant) -> None:
-    gr.Markdown(about_markdown(assistant), elem_id="about-serving")
+    # A callable value is rendered on every page load: after an adapter switch it says so.
+    gr.Markdown(lambda: about_markdown(assistant), elem_id="about-serving")
     metrics, loss_plot = assistant.adapter_report()
     if metrics:
         gr.Dataframe(

@@ -15,11 +15,13 @@ every field is capped by the same `Assistant` as the UI's.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 
 import gradio as gr
 
 from supportlm.serve.assistant import Assistant
+from supportlm.serve.switching import AdapterSwitcher
 from supportlm.serve.ui.chat import chat_events
 from supportlm.serve.ui.common import (
     DEFAULTS,
@@ -156,8 +158,25 @@ class Endpoints:
         yield from _texts(events)
 
 
-def register_api(assistant: Assistant) -> None:
+def reload_endpoint(switcher: AdapterSwitcher):
+    def reload_adapter(token: str) -> dict:
+        """Admin: serve the promoted adapter (outputs/latest) now; needs SUPPORTLM_ADMIN_TOKEN."""
+        expected = switcher.assistant.settings.admin_token
+        if not expected:
+            raise gr.Error("Reloading is disabled: SUPPORTLM_ADMIN_TOKEN is not set.")
+        if not hmac.compare_digest(str(token or "").encode(), expected.encode()):
+            raise gr.Error("Wrong admin token.")
+        switched = user_errors(switcher.check)()
+        return {"switched": switched is not None, "adapter_version": switcher.served_version(),
+                **(switched or {})}  # fmt: skip
+
+    return reload_adapter
+
+
+def register_api(assistant: Assistant, switcher: AdapterSwitcher | None = None) -> None:
     endpoints = Endpoints(assistant)
     for name in ("chat", "reply", "summarize", "translate"):
         gr.api(gpu(getattr(endpoints, name)), api_name=name)
     gr.api(endpoints.feedback, api_name="feedback")
+    if switcher is not None:
+        gr.api(reload_endpoint(switcher), api_name="reload_adapter")
