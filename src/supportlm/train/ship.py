@@ -45,7 +45,8 @@ def ship(run: RunFolder, dest: str | Path, evaluation: str | Path, command: str 
     report = json.loads(evaluation.read_text(encoding="utf-8"))
     dest = Path(dest)
     with atomic_target(dest) as tmp:
-        shutil.copytree(run.path, tmp)
+        # training_args.bin is a pickle: nobody should have to unpickle a downloaded file.
+        shutil.copytree(run.path, tmp, ignore=shutil.ignore_patterns("training_args.bin"))
         weights = load_file(tmp / ADAPTER_WEIGHTS)
         half = {name: tensor.to(torch.float16).contiguous() for name, tensor in weights.items()}
         save_file(half, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -124,7 +125,7 @@ decoded by {report["engine"]["name"]}:
 
 Full report: `eval.md`, `eval.png`. Training: {metrics.get("global_step")} steps, validation loss
 {metrics.get("eval_loss", float("nan")):.3f}, peak memory {metrics.get("peak_memory_mb", 0):.0f} MB,
-{metrics.get("train_runtime", 0) / 60:.0f} min; `metrics.json`, `loss.png`, `data_report.md`.
+{metrics.get("train_runtime_s", 0) / 60:.0f} min; `metrics.json`, `loss.png`, `data_report.md`.
 
 ## Reproduce
 
