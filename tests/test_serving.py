@@ -107,9 +107,22 @@ def test_nothing_set_and_no_training_serves_the_embedded_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("supportlm.run_folder.SHIPPED_ADAPTER", tmp_path / "no-shipped-adapter")
     plan = AppSettings.from_env({}).resolve()
     assert plan.adapter is None
     assert plan.model == "embedded"
+
+
+def test_nothing_set_and_no_training_serves_the_shipped_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supportlm.run_folder import SHIPPED_ADAPTER
+
+    monkeypatch.chdir(tmp_path)
+    plan = AppSettings.from_env({}).resolve()
+    assert plan.adapter == str(SHIPPED_ADAPTER) and plan.model == "embedded"
+    assert any("shipped with supportlm" in note for note in plan.notes)
+    assert AppSettings.from_env({"SUPPORTLM_ADAPTER": "none"}).resolve().adapter is None
 
 
 def test_embedded_without_its_package_falls_back_to_the_hub_model(

@@ -341,7 +341,10 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
     run = RunFolder(folder)
     assert run.adapter_version() == compute_adapter_version(folder)  # recorded = the files'
     typed = run.training_config()
-    assert run.lineage() == {"method": "sft", "datasets": [typed.data.dataset], "parent": None}
+    assert run.lineage() == {
+        "method": "sft", "datasets": [typed.data.dataset], "replay": None, "parent": None,
+        "feedback_exports": [],
+    }  # fmt: skip
     assert typed.training.max_steps == 6
     assert not list(folder.parent.glob(".*.partial"))  # written whole, then renamed
     saved = parse_config(["--config", str(folder / "training_config.yaml")])

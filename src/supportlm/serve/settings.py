@@ -302,7 +302,8 @@ def default_adapter(notes: list[str] | None = None) -> str | None:
         shipped = served.path == SHIPPED_ADAPTER
         _note(
             notes,
-            f"Serving the {'adapter shipped with supportlm' if shipped else 'latest run'} at "
+            f"Serving the {'adapter shipped with supportlm' if shipped else 'latest run'} "
+            f"{'' if shipped else 'of finetune/train.py or promote.py '}at "
             f"{served.path} (no SUPPORTLM_MODEL or SUPPORTLM_ADAPTER set"
             f"{'; no outputs/latest' if shipped else ''}).",
         )

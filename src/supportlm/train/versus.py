@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from supportlm.errors import SupportLMError
-from supportlm.modeling import load_model
+from supportlm.modeling import load_model, load_tokenizer
 from supportlm.prompts import encode_chat, with_system_prompt
 from supportlm.run_folder import RunFolder
 from supportlm.train.data import Example, load_examples
@@ -120,10 +120,11 @@ def compare_adapters(args: EvaluationArguments) -> dict[str, Any]:
     if check_adapter(str(old_run.path)) != base:
         raise SupportLMError(f"{new_run.path} and {old_run.path} have different base models.")
     source = held_out_run(old_run)
-    loaded = load_model(base, adapter=str(source.path))  # the tokenizer and context, for the split
+    tokenizer = load_tokenizer(base)  # the split needs token counts, not the model
     style = source.prompt_style()
-    data = select_data(args, loaded.tokenizer, style.system_prompt, source.training_config(), 2048)
-    del loaded
+    if style.chat_template:
+        tokenizer.chat_template = style.chat_template
+    data = select_data(args, tokenizer, style.system_prompt, source.training_config(), 2048)
     feedback_file = args.feedback or default_feedback(new_run)
     groups = {"test": data.examples, "feedback": read_feedback(feedback_file)}
     groups = {name: examples for name, examples in groups.items() if examples}
