@@ -66,6 +66,12 @@ class PromptStyle:
     def default(cls) -> PromptStyle:
         return cls(DEFAULT_SYSTEM_PROMPT)
 
+    def apply(self, tokenizer: Any) -> Any:
+        """Give `tokenizer` the chat template trained with, when one was saved; returns it."""
+        if self.chat_template:
+            tokenizer.chat_template = self.chat_template
+        return tokenizer
+
 
 class RunFolder:
     """Reads (and, in training, writes) one run folder; see the module docstring for the layout."""

@@ -23,11 +23,8 @@ def build_engine(plan: ServingPlan) -> Engine:
 
 def apply_chat_template(tokenizer, adapter: str | None) -> None:
     """Serve with the chat template the adapter was trained with, when its folder saved one."""
-    if adapter is None or not RunFolder(adapter).is_adapter():
-        return
-    template = RunFolder(adapter).prompt_style().chat_template
-    if template:
-        tokenizer.chat_template = template
+    if adapter is not None and RunFolder(adapter).is_adapter():
+        RunFolder(adapter).prompt_style().apply(tokenizer)
 
 
 def _build_llamacpp_engine(plan: ServingPlan, source: ModelSource) -> Engine:

@@ -124,9 +124,7 @@ def load_policy(parent: RunFolder) -> LoadedModel:
     )
     if loaded.device == "cpu":
         torch.set_num_threads(physical_cores())
-    style = parent.prompt_style()
-    if style.chat_template:
-        loaded.tokenizer.chat_template = style.chat_template
+    parent.prompt_style().apply(loaded.tokenizer)
     return loaded
 
 

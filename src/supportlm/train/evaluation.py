@@ -330,9 +330,7 @@ def evaluation_inputs(args: EvaluationArguments) -> EvaluationInputs:
                 "unknown; pass --dataset."
             )
     loaded = load_model(model_spec or EMBEDDED_MODEL, adapter=args.adapter)
-    if style.chat_template:
-        # Serve with the template the adapter was trained with (saved next to it).
-        loaded.tokenizer.chat_template = style.chat_template
+    style.apply(loaded.tokenizer)  # serve with the template the adapter was trained with
     context_length = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
     data = select_data(args, loaded.tokenizer, style.system_prompt, training, context_length)
     return EvaluationInputs(loaded, style.system_prompt, data, context_length)

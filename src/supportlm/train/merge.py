@@ -43,8 +43,7 @@ def merge_adapter(
     except OSError:  # an adapter saved without its tokenizer: the base's is the right one
         tokenizer = loaded.tokenizer
     style = run.prompt_style()
-    if style.chat_template:
-        tokenizer.chat_template = style.chat_template
+    style.apply(tokenizer)
     save_prompt_style(output_dir, tokenizer, style.system_prompt)
     logger.info("Merged %s into %s; saved to %s", run.path, loaded.source.display_name, output_dir)
     return output_dir

@@ -70,8 +70,7 @@ def answers_of(adapter: str, base: str, args, groups: dict[str, list[Example]]) 
     """Greedy answers and reference NLL of one adapter for each group of examples."""
     loaded = load_model(base, adapter=adapter)
     style = RunFolder(adapter).prompt_style()
-    if style.chat_template:
-        loaded.tokenizer.chat_template = style.chat_template
+    style.apply(loaded.tokenizer)
     decoder = open_decoder(args.engine, loaded, context_length=2048)
     settings = args.generation_settings()
     out: dict[str, Any] = {}
@@ -120,10 +119,8 @@ def compare_adapters(args: EvaluationArguments) -> dict[str, Any]:
     if check_adapter(str(old_run.path)) != base:
         raise SupportLMError(f"{new_run.path} and {old_run.path} have different base models.")
     source = held_out_run(old_run)
-    tokenizer = load_tokenizer(base)  # the split needs token counts, not the model
     style = source.prompt_style()
-    if style.chat_template:
-        tokenizer.chat_template = style.chat_template
+    tokenizer = style.apply(load_tokenizer(base))  # the split needs token counts, not the model
     data = select_data(args, tokenizer, style.system_prompt, source.training_config(), 2048)
     feedback_file = args.feedback or default_feedback(new_run)
     groups = {"test": data.examples, "feedback": read_feedback(feedback_file)}
