@@ -1,7 +1,8 @@
 """supportlm's web app: `python app.py` (also the Hugging Face Space entry point).
 
-Settings come from ``SUPPORTLM_*`` environment variables (see
-`supportlm.serve.settings.AppSettings`); host and port from Gradio's own
+One port serves the Gradio UI at ``/``, its Gradio API, the OpenAI-compatible ``/v1`` API and
+``/health`` (`supportlm.serve.ui.server`). Settings come from ``SUPPORTLM_*`` environment
+variables (see `supportlm.serve.settings.AppSettings`); host and port from Gradio's own
 ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
 """
 
@@ -17,15 +18,14 @@ if importlib.util.find_spec("supportlm") is None:
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
 from supportlm.serve.settings import AppSettings
-from supportlm.serve.ui import build_demo, launch_options
+from supportlm.serve.ui.server import build_server, serve
 
 setup_logging()
 try:
-    settings = AppSettings.from_env()
-    demo = build_demo(settings.resolve())
+    app = build_server(AppSettings.from_env().resolve())
 except SupportLMError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
 if __name__ == "__main__":
-    demo.launch(**launch_options(settings))
+    serve(app)

@@ -69,7 +69,12 @@ def free_port() -> int:
 
 
 def start_app(
-    model: str, backend: str, port: int, env_overrides: dict[str, str], timeout_s: float
+    model: str,
+    backend: str,
+    port: int,
+    env_overrides: dict[str, str],
+    timeout_s: float,
+    cwd: Path = REPO_ROOT,
 ) -> tuple[subprocess.Popen, float, Path]:
     """Launch app.py and wait until it answers HTTP; returns the process and start-up seconds."""
     log_path = Path(tempfile.mkstemp(prefix="supportlm-app-", suffix=".log")[1])
@@ -86,7 +91,7 @@ def start_app(
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "app.py")],
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -23,6 +23,10 @@ class Busy(SupportLMError):
     """Too many requests: the queue is full or the client's rate limit is used up."""
 
 
+class QueueFull(Busy):
+    """Every generation slot is taken and the waiting line is full (the server, not the client)."""
+
+
 class RateLimit:
     """At most `limit` calls per client in any `window_s` seconds (0: no limit).
 
@@ -96,7 +100,7 @@ class Admission:
         with self._lock:
             admitted = self._slots.acquire(blocking=False)
             if not admitted and self._waiting >= self.max_queue:
-                raise Busy(
+                raise QueueFull(
                     f"The assistant is busy ({self.concurrency} answering, {self._waiting} "
                     "waiting); please try again in a moment."
                 )

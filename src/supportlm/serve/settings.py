@@ -139,6 +139,18 @@ class AppSettings:
         "SUPPORTLM_HF_OAUTH", 0, "1: require a Hugging Face sign-in (a Space with hf_oauth: true)."
     )
     context_length: int = _setting("SUPPORTLM_CONTEXT_LENGTH", 2048, "prompt + reply tokens.")
+    api_key: str | None = _setting(
+        "SUPPORTLM_API_KEY", None, "Bearer key that /v1 requires (also when a login is set)."
+    )
+    api_store: int = _setting(
+        "SUPPORTLM_API_STORE", 0, "1: store /v1 replies for feedback (POST /v1/feedback by id)."
+    )
+    cors_origins: str | None = _setting(
+        "SUPPORTLM_CORS_ORIGINS", None, "comma-separated origins /v1 answers (CORS); default: none."
+    )
+    mcp: int = _setting(
+        "SUPPORTLM_MCP", 0, "1: serve answer, summarise and translate as MCP tools (gradio[mcp])."
+    )
     llamacpp_weights: str = _setting(
         "SUPPORTLM_LLAMACPP_WEIGHTS",
         "auto",
@@ -206,6 +218,9 @@ class AppSettings:
                 "SUPPORTLM_AUTH must be 'user:password' pairs separated by commas."
             )
         return [(user, password) for user, _, password in pairs]
+
+    def cors_origins_list(self) -> list[str]:
+        return [origin.strip() for origin in (self.cors_origins or "").split(",") if origin.strip()]
 
     def _check_at_least(self, name: str, minimum: int) -> None:
         if getattr(self, name) < minimum:

@@ -24,19 +24,27 @@ from supportlm.serve.ui.summarise import summarise_tab
 from supportlm.serve.ui.translate import translate_tab
 
 
+def start_assistant(
+    plan: ServingPlan | None = None, *, engine: Engine | None = None
+) -> tuple[Assistant, AdapterSwitcher]:
+    """The shared `Assistant` for `plan`, and its watcher for promoted adapters, started."""
+    plan = plan or AppSettings.from_env().resolve()
+    assistant = Assistant(engine or build_engine(plan), plan)
+    switcher = AdapterSwitcher(assistant)  # a promoted adapter is served without a restart
+    switcher.start()
+    return assistant, switcher
+
+
 def build_demo(
     plan: ServingPlan | None = None,
     *,
     engine: Engine | None = None,
     assistant: Assistant | None = None,
+    switcher: AdapterSwitcher | None = None,
 ) -> gr.Blocks:
     """The whole app around one shared model; `engine` or `assistant` skip loading (tests)."""
-    switcher = None
     if assistant is None:
-        plan = plan or AppSettings.from_env().resolve()
-        assistant = Assistant(engine or build_engine(plan), plan)
-        switcher = AdapterSwitcher(assistant)  # a promoted adapter is served without a restart
-        switcher.start()
+        assistant, switcher = start_assistant(plan, engine=engine)
     settings = assistant.settings
     max_reply = max_reply_tokens(assistant.context_length, settings.max_input_tokens)
 

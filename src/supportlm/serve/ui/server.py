@@ -1,0 +1,55 @@
+"""One server, one port: the OpenAI-compatible ``/v1`` API with the Gradio app mounted at ``/``.
+
+`gr.mount_gradio_app` is Gradio's documented way to serve a Blocks inside a FastAPI app; the
+parent app owns ``/v1`` and ``/health`` (`supportlm.serve.v1.routes`), so its CORS policy is the
+one that applies there, and Gradio keeps its own for the UI. Both share one `Assistant`, so the
+model is loaded once. Host and port are Gradio's ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``
+(a Space sets them), so `python app.py` listens where ``demo.launch()`` would have.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+
+from supportlm.errors import SupportLMError
+from supportlm.serve.assistant import Assistant
+from supportlm.serve.settings import AppSettings, ServingPlan
+from supportlm.serve.ui import build_demo, launch_options, start_assistant
+from supportlm.serve.v1.routes import create_api
+
+
+def mcp_enabled(settings: AppSettings) -> bool:
+    """``SUPPORTLM_MCP=1`` needs Gradio's ``mcp`` extra; without it the app refuses to start."""
+    if settings.mcp and importlib.util.find_spec("mcp") is None:
+        raise SupportLMError(
+            "SUPPORTLM_MCP=1 needs the MCP extra: pip install 'gradio[mcp]' (see requirements.txt)."
+        )
+    return bool(settings.mcp)
+
+
+def create_server(demo: gr.Blocks, assistant: Assistant) -> FastAPI:
+    """``/v1`` and ``/health`` for `assistant`, with `demo` mounted at ``/``."""
+    settings = assistant.settings
+    return gr.mount_gradio_app(
+        create_api(assistant), demo, path="/", mcp_server=mcp_enabled(settings),
+        **launch_options(settings),
+    )  # fmt: skip
+
+
+def build_server(plan: ServingPlan | None = None) -> FastAPI:
+    """The whole app for `plan` (default: the ``SUPPORTLM_*`` settings): UI, API and MCP."""
+    assistant, switcher = start_assistant(plan)
+    return create_server(build_demo(assistant=assistant, switcher=switcher), assistant)
+
+
+def serve(app: FastAPI) -> None:
+    """Run `app` where Gradio would listen (``GRADIO_SERVER_NAME``/``PORT``; 127.0.0.1:7860)."""
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    print(f"* Running on local URL:  http://{host}:{port}  (OpenAI API: /v1)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,1 @@
+"""package: the OpenAI-compatible ``/v1`` API served beside the Gradio app."""
