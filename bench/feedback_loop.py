@@ -138,6 +138,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> dict:
     env = {
         "SUPPORTLM_FEEDBACK_DB": str(work / "feedback.sqlite3"),
         "SUPPORTLM_ADAPTER_WATCH_S": "1",
+        "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0",  # one client stands for many agents
         "SUPPORTLM_SHOP": str(REPO_ROOT / "data" / "shop.yaml"),
     }
     process, startup_s, app_log = start_app(

@@ -6,7 +6,11 @@ variant (another rank, targets or weight scale).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -53,3 +57,26 @@ def save_random_adapter(
 def answer(engine, prompt_ids, settings, *, use_adapter: bool = True):
     """The whole reply of `engine` to `prompt_ids` (the served adapter, or the base)."""
     return engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` (ASGI) served by uvicorn in a thread on a free port; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -52,4 +52,5 @@ def serve(app: FastAPI) -> None:
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"* Running on local URL:  http://{host}:{port}  (OpenAI API: /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Open streams (a browser tab, a gradio_client heartbeat) get 5 s to end on shutdown.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
