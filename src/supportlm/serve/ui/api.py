@@ -75,9 +75,19 @@ class Endpoints:
         repetition_penalty: float = DEFAULTS.repetition_penalty,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[str]:
-        """Answer `message` given the earlier `history` (role/content dicts); streams text.
+        """Answer a customer's message as the shop's support assistant (streams the reply).
 
-        `system_prompt` defaults to the adapter's own.
+        Also the MCP tool that answers customers: send their message, and the conversation so
+        far if there is one. Order numbers, names and contact details are not needed.
+
+        Args:
+            message: the customer's newest message, e.g. "How do I cancel my order?".
+            history: the conversation so far, as {"role": "user"|"assistant", "content"} dicts.
+            system_prompt: instructions for the assistant; default: the fine-tuned adapter's own.
+            temperature: 0 answers deterministically; higher values vary the wording.
+            top_p: nucleus sampling mass when temperature is above 0.
+            max_new_tokens: the longest reply, in tokens.
+            repetition_penalty: above 1 discourages repeating words.
         """
         values = dict(
             temperature=temperature,
@@ -136,7 +146,15 @@ class Endpoints:
         max_new_tokens: int = 192,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[str]:
-        """Summarise `text`: style is paragraph, bullets or action_items; streams text."""
+        """Summarise a support ticket, e-mail thread or chat transcript (streams the summary).
+
+        Long texts are summarised in parts, then combined.
+
+        Args:
+            text: the text to summarise (capped like every input).
+            style: "paragraph", "bullets" or "action_items" (what the agent must do next).
+            max_new_tokens: the longest summary, in tokens.
+        """
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         client = client_id(request, self.assistant.settings)
         yield from _texts(summary_events(self.assistant, text, style, settings, client=client))
@@ -149,7 +167,14 @@ class Endpoints:
         max_new_tokens: int = 384,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[str]:
-        """Translate `text` into `target_language` (source auto-detected by default)."""
+        """Translate a customer's message or a reply, keeping order numbers, links and layout.
+
+        Args:
+            text: the text to translate.
+            target_language: the language to translate into, e.g. "French" or "German".
+            source_language: the text's language, or "auto" to detect it.
+            max_new_tokens: the longest translation of one part, in tokens.
+        """
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         events = translation_events(
             self.assistant, text, target_language, source_language, settings, None,

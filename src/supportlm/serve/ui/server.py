@@ -15,12 +15,17 @@ import os
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.settings import AppSettings, ServingPlan
 from supportlm.serve.ui import build_demo, launch_options, start_assistant
+from supportlm.serve.v1.access import ApiAccess
 from supportlm.serve.v1.routes import create_api
+from supportlm.serve.v1.schema import ApiError
+
+MCP_PATH = "/gradio_api/mcp"
 
 
 def mcp_enabled(settings: AppSettings) -> bool:
@@ -32,13 +37,36 @@ def mcp_enabled(settings: AppSettings) -> bool:
     return bool(settings.mcp)
 
 
+class McpAccess:
+    """ASGI middleware: the MCP endpoint asks for the same key or login as ``/v1``.
+
+    Gradio's login protects its pages and queue, not the MCP routes it mounts, so this closes
+    them when the app has a login or an API key (`ApiAccess`).
+    """
+
+    def __init__(self, app, access: ApiAccess) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(MCP_PATH) and self.access.required:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                self.access.check(headers, None)
+            except ApiError as error:
+                response = JSONResponse(error.body(), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_server(demo: gr.Blocks, assistant: Assistant) -> FastAPI:
-    """``/v1`` and ``/health`` for `assistant`, with `demo` mounted at ``/``."""
+    """``/v1`` and ``/health`` for `assistant`, with `demo` mounted at ``/`` (and MCP)."""
     settings = assistant.settings
-    return gr.mount_gradio_app(
-        create_api(assistant), demo, path="/", mcp_server=mcp_enabled(settings),
-        **launch_options(settings),
-    )  # fmt: skip
+    app = create_api(assistant)
+    mcp = mcp_enabled(settings)
+    if mcp:
+        app.add_middleware(McpAccess, access=ApiAccess(settings))
+    return gr.mount_gradio_app(app, demo, path="/", mcp_server=mcp, **launch_options(settings))
 
 
 def build_server(plan: ServingPlan | None = None) -> FastAPI:
