@@ -21,7 +21,7 @@ def front_matter(repo_root: Path) -> dict:
 
 def _pinned_gradio(repo_root: Path) -> str:
     for line in (repo_root / "requirements.txt").read_text().splitlines():
-        match = re.fullmatch(r"gradio==([\w.]+)", line.split("#")[0].strip())
+        match = re.fullmatch(r"gradio(?:\[[\w,]+\])?==([\w.]+)", line.split("#")[0].strip())
         if match:
             return match.group(1)
     raise AssertionError("requirements.txt does not pin gradio==<version>")

@@ -82,12 +82,17 @@ def new_request_id() -> str:
 
 @dataclass
 class GenerationRequest:
-    """One generation: prompt token ids, settings, the adapter (None: the base model), an id."""
+    """One generation: prompt token ids, settings, the adapter (None: the base model), an id.
+
+    `messages` are the chat messages the prompt ids encode, for engines that send text to a
+    server that applies the chat template itself (`supportlm.engines.openai_remote`).
+    """
 
     prompt_ids: list[int]
     settings: GenerationSettings
     adapter: AdapterRef | None
     request_id: str = field(default_factory=new_request_id)
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -187,10 +192,16 @@ class Engine(abc.ABC):
         return self.adapter is not None
 
     def request(
-        self, prompt_ids: list[int], settings: GenerationSettings, *, use_adapter: bool = True
+        self,
+        prompt_ids: list[int],
+        settings: GenerationSettings,
+        *,
+        use_adapter: bool = True,
+        messages: list[dict[str, str]] | None = None,
     ) -> GenerationRequest:
         """A request for the served adapter (or the base model when `use_adapter` is false)."""
-        return GenerationRequest(list(prompt_ids), settings, self.adapter if use_adapter else None)
+        adapter = self.adapter if use_adapter else None
+        return GenerationRequest(list(prompt_ids), settings, adapter, messages=messages)
 
     @abc.abstractmethod
     def _stream(

@@ -12,6 +12,8 @@ from supportlm.serve.settings import ServingPlan
 def build_engine(plan: ServingPlan) -> Engine:
     """Load the model (and adapter) once, on the backend the plan chose."""
     source = resolve_model(plan.model)
+    if plan.backend == "openai":
+        return _build_remote_engine(plan, source)
     if plan.backend == "llama.cpp":
         return _build_llamacpp_engine(plan, source)
     from supportlm.engines.transformers import TransformersEngine
@@ -25,6 +27,27 @@ def apply_chat_template(tokenizer, adapter: str | None) -> None:
     """Serve with the chat template the adapter was trained with, when its folder saved one."""
     if adapter is not None and RunFolder(adapter).is_adapter():
         RunFolder(adapter).prompt_style().apply(tokenizer)
+
+
+def _build_remote_engine(plan: ServingPlan, source: ModelSource) -> Engine:
+    """The remote server's models; the local tokenizer (the same model's) caps and counts."""
+    from supportlm.engines.openai_remote import OpenAIEngine
+
+    settings = plan.settings
+    if not settings.openai_base_url:
+        raise SupportLMError("SUPPORTLM_BACKEND=openai needs SUPPORTLM_OPENAI_BASE_URL.")
+    tokenizer = load_tokenizer(source)
+    apply_chat_template(tokenizer, plan.adapter)
+    return OpenAIEngine(
+        settings.openai_base_url,
+        tokenizer,
+        tuned_model=settings.openai_model or None,
+        base_model=settings.openai_base_model or settings.openai_model or "default",
+        api_key=settings.openai_api_key,
+        timeout_s=settings.openai_timeout_s,
+        context_length=settings.context_length,
+        max_concurrency=settings.concurrency,
+    )
 
 
 def _build_llamacpp_engine(plan: ServingPlan, source: ModelSource) -> Engine:

@@ -28,7 +28,7 @@ from supportlm.run_folder import SHIPPED_ADAPTER, served_run
 
 logger = logging.getLogger(__name__)
 
-BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
+BACKEND_CHOICES = ("auto", "transformers", "llama.cpp", "openai")
 NO_ADAPTER = "none"
 
 
@@ -71,7 +71,24 @@ class AppSettings:
         None,
         "enables the /reload_adapter API endpoint for callers that send this token.",
     )
-    backend: str = _setting("SUPPORTLM_BACKEND", "auto", "auto, transformers or llama.cpp.")
+    backend: str = _setting(
+        "SUPPORTLM_BACKEND", "auto", "auto, transformers, llama.cpp or openai (a remote server)."
+    )
+    openai_base_url: str | None = _setting(
+        "SUPPORTLM_OPENAI_BASE_URL", None, "the remote server's /v1 URL (SUPPORTLM_BACKEND=openai)."
+    )
+    openai_model: str | None = _setting(
+        "SUPPORTLM_OPENAI_MODEL", "supportlm", "the remote server's fine-tuned model; '' for none."
+    )
+    openai_base_model: str | None = _setting(
+        "SUPPORTLM_OPENAI_BASE_MODEL", "supportlm-base", "the remote server's base model."
+    )
+    openai_api_key: str | None = _setting(
+        "SUPPORTLM_OPENAI_API_KEY", None, "the key the remote server wants, if any."
+    )
+    openai_timeout_s: float = _setting(
+        "SUPPORTLM_OPENAI_TIMEOUT_S", 60.0, "seconds to wait for the remote server."
+    )
     feedback_db: Path = _setting(  # noqa: RUF009 (returns a dataclasses.field)
         "SUPPORTLM_FEEDBACK_DB",
         help="SQLite file for replies, likes, corrections, votes.",
@@ -333,6 +350,10 @@ def _has_cuda() -> bool:
 
 def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
     """``auto`` is llama.cpp for a GGUF model on a machine without CUDA, else transformers."""
+    if backend == "openai":
+        _note(
+            notes, "Backend openai: generation runs on the remote server SUPPORTLM_OPENAI_BASE_URL."
+        )
     if backend != "auto":
         if backend == "llama.cpp" and not is_available():
             raise SupportLMError(

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.prompts import encode_chat
 from supportlm.serve.redaction import EMAIL_PATTERN
 
 _PLACEHOLDER = r"\{\{[^{}\n]*\}\}"
@@ -200,15 +201,17 @@ class Usage:
 
 def run_call(
     engine: Engine,
-    prompt_ids: list[int],
+    messages: list[dict[str, str]],
     settings: GenerationSettings,
     usage: Usage,
     stop_event: threading.Event | None,
 ) -> Iterator[tuple[StreamEvent, float]]:
-    """Stream one model call, recording its usage once it finishes."""
+    """Stream one model call on the chat `messages`, recording its usage once it finishes."""
     usage.spend()
     call_start = time.perf_counter()
-    for event in engine.stream(engine.request(prompt_ids, settings), stop_event=stop_event):
+    prompt_ids = encode_chat(engine.tokenizer, messages)
+    request = engine.request(prompt_ids, settings, messages=messages)
+    for event in engine.stream(request, stop_event=stop_event):
         if event.finished:
             usage.add(event, call_start)
         yield event, call_start

@@ -85,8 +85,11 @@ def _summarize(
     tokenizer = engine.tokenizer
     report = Progress(progress)
 
+    def messages(part: str) -> list[dict[str, str]]:
+        return summarize_messages(part, style, system_prompt)
+
     def prompt(part: str) -> list[int]:
-        return encode_chat(tokenizer, summarize_messages(part, style, system_prompt))
+        return encode_chat(tokenizer, messages(part))
 
     def fits(part: str) -> bool:
         return len(prompt(part)) + settings.max_new_tokens <= engine.context_length
@@ -107,7 +110,7 @@ def _summarize(
                 f"Summarising part {index + 1} of {len(chunks)}"
                 + (f" (round {level})" if level > 1 else ""),
             )
-            calls = run_call(engine, prompt(chunk), settings, usage, stop_event)
+            calls = run_call(engine, messages(chunk), settings, usage, stop_event)
             final = final_event(event for event, _ in calls)
             if stopped(stop_event):
                 yield usage.event("", finish_reason="cancelled")
@@ -127,7 +130,7 @@ def _summarize(
 
     report(report.fraction if level else 0.0, "Writing the summary")
     final = None
-    for final, call_start in run_call(engine, prompt(text), settings, usage, stop_event):
+    for final, call_start in run_call(engine, messages(text), settings, usage, stop_event):
         if not final.finished:
             yield usage.event(final.text, final, call_start)
     assert final is not None

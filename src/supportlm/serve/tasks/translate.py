@@ -269,7 +269,6 @@ class _Translation:
         messages = translate_messages(
             masked, self.target_language, self.source_language, self.system_prompt
         )
-        prompt_ids = encode_chat(self.tokenizer, messages)
         # A translation is rarely much longer than its source; the cap stops a small model that
         # rambles on after the translation from using the whole `max_new_tokens` for each call.
         cap = 4 * count_tokens(self.tokenizer, masked) + 16
@@ -277,7 +276,7 @@ class _Translation:
             self.settings, max_new_tokens=min(self.settings.max_new_tokens, cap)
         )
         output = ""
-        events = run_call(self.engine, prompt_ids, call_settings, self.usage, self.stop_event)
+        events = run_call(self.engine, messages, call_settings, self.usage, self.stop_event)
         for event, call_start in events:
             # A marker cut off by the token limit (or still being written) is not shown.
             output = _UNFINISHED_MARKER.sub("", restore_spans(event.text, spans))

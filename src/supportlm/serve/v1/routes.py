@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from supportlm.engines.base import GenerationSettings, StreamEvent
+from supportlm.engines.openai_remote import RemoteError
 from supportlm.errors import SupportLMError
 from supportlm.serve.admission import Busy, QueueFull
 from supportlm.serve.assistant import Assistant
@@ -54,6 +55,8 @@ def as_api_error(error: BaseException) -> ApiError:
     """Any failure as the OpenAI error it is; unexpected ones are logged under a reference."""
     if isinstance(error, ApiError):
         return error
+    if isinstance(error, RemoteError):
+        return ApiError(502, str(error), type="server_error", code="upstream_error")
     if isinstance(error, QueueFull):
         return ApiError(503, str(error), type="server_error", code="server_overloaded")
     if isinstance(error, Busy):

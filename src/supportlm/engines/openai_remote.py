@@ -1,0 +1,130 @@
+"""`OpenAIEngine`: generation on a remote OpenAI-compatible server (the scale-out path).
+
+vLLM (``--enable-lora --lora-modules supportlm=…``), TGI, llama.cpp's server, Ollama or another
+supportlm's ``/v1`` serve the model; this engine sends them *chat messages*, since a remote
+server applies the chat template and tokenises by itself. That is why every message's text has
+its special-token strings broken up first (`neutralize_special_tokens`): a user who types
+``<|im_start|>system`` must not open a system turn on the server, as `encode_chat` already
+guarantees locally. The local tokenizer still caps inputs and fits the context.
+
+The official ``openai`` client streams (``stream_options.include_usage`` gives the server's token
+counts), times out, and its errors become one-sentence `SupportLMError`s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
+from supportlm.errors import SupportLMError
+from supportlm.prompts import neutralize_special_tokens
+
+
+class RemoteError(SupportLMError):
+    """The remote server failed or did not answer in time (a 502/504 for API callers)."""
+
+
+class OpenAIEngine(Engine):
+    """A remote server's tuned model (served as the adapter) and base model, behind `Engine`."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer: Any,
+        *,
+        tuned_model: str | None,
+        base_model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        context_length: int = 2048,
+        max_concurrency: int = 4,
+    ) -> None:
+        super().__init__()
+        import openai  # the scale-out path only
+
+        self._openai = openai
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=0
+        )
+        self.base_url, self.timeout_s = base_url, timeout_s
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.tuned_model, self.base_model = tuned_model, base_model
+        self.max_concurrency = max_concurrency
+        self.adapter = AdapterRef(tuned_model, f"remote:{tuned_model}") if tuned_model else None
+        tuned = f"tuned model {tuned_model!r}, " if tuned_model else ""
+        self.description = (
+            f"remote OpenAI-compatible server {base_url} ({tuned}base {base_model!r})"
+        )
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        if request.messages is None:
+            raise SupportLMError("The remote engine needs the chat messages, not only token ids.")
+        settings = request.settings
+        messages = [
+            {"role": m["role"], "content": neutralize_special_tokens(m["content"], self.tokenizer)}
+            for m in request.messages
+        ]
+        body: dict[str, Any] = {
+            "model": self.tuned_model if request.adapter else self.base_model,
+            "messages": messages,
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if settings.do_sample:
+            body["top_p"] = settings.top_p
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        if settings.stop:
+            body["stop"] = list(settings.stop)
+        if settings.repetition_penalty != 1.0:  # vLLM's and supportlm's extension field
+            body["extra_body"] = {"repetition_penalty": settings.repetition_penalty}
+        return body
+
+    def _stream(
+        self, request: GenerationRequest, stop_event: threading.Event
+    ) -> Iterator[StreamEvent]:
+        clock = EventClock(request.request_id, len(request.prompt_ids))
+        text, pieces, finish, usage = "", 0, None, None
+        try:
+            with self.client.chat.completions.create(**self._body(request)) as stream:
+                for chunk in stream:
+                    if stop_event.is_set():
+                        finish = "cancelled"
+                        break
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        finish = choice.finish_reason or finish
+                        if choice.delta.content:
+                            clock.first_token()
+                            text, pieces = text + choice.delta.content, pieces + 1
+                            yield clock.event(text, pieces)
+        except self._openai.APITimeoutError as error:
+            raise RemoteError(
+                f"The remote model server did not answer within {self.timeout_s:g} s."
+            ) from error
+        except self._openai.APIError as error:
+            raise RemoteError(f"The remote model server failed: {_reason(error)}") from error
+        if usage is not None:
+            clock.prompt_tokens = usage.prompt_tokens
+            pieces = usage.completion_tokens
+        reason = finish if finish in ("length", "cancelled") else "stop"
+        yield clock.event(text, pieces, reason)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _reason(error: Exception) -> str:
+    """The server's own message when it sent an OpenAI error object, else the exception's."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(error)
