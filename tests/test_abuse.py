@@ -31,6 +31,7 @@ from supportlm.serve.feedback import FeedbackStore
 from supportlm.serve.retention import erase_conversation, purge_older_than
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo, launch_options
+from supportlm.serve.ui.about import adapter_report
 from supportlm.serve.ui.common import read_upload, user_facing
 from supportlm.train.data import load_examples
 
@@ -270,7 +271,7 @@ def test_a_corrupt_metrics_file_does_not_stop_the_app(
     shutil.copytree(tiny_adapter_dir, adapter)
     (adapter / "metrics.json").write_text("{ not json")
     assistant = make_assistant(smollm2_tokenizer, tmp_path, adapter=str(adapter))
-    metrics, _ = assistant.adapter_report()
+    metrics, _ = adapter_report(assistant)
     assert metrics is None
     build_demo(assistant=assistant)
 

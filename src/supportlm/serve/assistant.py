@@ -24,7 +24,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
@@ -386,17 +385,3 @@ class Assistant:
             lambda: store.add_vote(base_reply_id, tuned_reply_id, choice),  # type: ignore[arg-type]
             "store a vote",
         )
-
-    def adapter_report(self) -> tuple[dict[str, Any] | None, Path | None]:
-        """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder).
-
-        A corrupt ``metrics.json`` is logged and left out: the report is not worth a dead app.
-        """
-        if self.run is None or not self.run.is_adapter():
-            return None, None
-        try:
-            metrics = self.run.metrics()
-        except SupportLMError as error:
-            logger.error("Leaving the adapter's metrics out of the About tab: %s", error)
-            metrics = None
-        return metrics, self.run.loss_plot()

@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from supportlm.errors import SupportLMError
 from supportlm.serve.assistant import Assistant
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_report(assistant: Assistant) -> tuple[dict[str, Any] | None, Path | None]:
+    """The adapter's ``metrics.json`` and ``loss.png`` (when it is a local folder).
+
+    A corrupt ``metrics.json`` is logged and left out: the report is not worth a dead app.
+    """
+    run = assistant.run
+    if run is None or not run.is_adapter():
+        return None, None
+    try:
+        metrics = run.metrics()
+    except SupportLMError as error:
+        logger.error("Leaving the adapter's metrics out of the About tab: %s", error)
+        metrics = None
+    return metrics, run.loss_plot()
 
 
 def about_tab(assistant: Assistant) -> None:
     # A callable value is rendered on every page load: after an adapter switch it says so.
     gr.Markdown(lambda: about_markdown(assistant), elem_id="about-serving")
-    metrics, loss_plot = assistant.adapter_report()
+    metrics, loss_plot = adapter_report(assistant)
     if metrics:
         gr.Dataframe(
             [list(row) for row in flatten_metrics(metrics)],
@@ -46,7 +67,7 @@ def about_markdown(assistant: Assistant) -> str:
     ]
     if plan.notes:
         lines += ["", "### How this was chosen", *(f"- {note}" for note in plan.notes)]
-    if plan.adapter and assistant.adapter_report() == (None, None):
+    if plan.adapter and adapter_report(assistant) == (None, None):
         lines += ["", "The adapter folder has no `metrics.json` or `loss.png`."]
     return "\n".join(lines)
 
