@@ -1,6 +1,6 @@
 """The feedback loop end to end on the real model, as a support team would run it.
 
-    python bench/feedback_loop.py --questions 80 --json docs/results/feedback-loop.json
+    python bench/feedback_loop.py --questions 80 --force --json docs/results/feedback-loop.json
 
 1. `python app.py` serves the shipped adapter (llama.cpp) in a fresh work folder.
 2. Customers ask Bitext questions from the shipped adapter's *training* split that its 150 steps
@@ -108,8 +108,8 @@ def collect_feedback(url: str, rows: list[tuple[str, str]], max_new_tokens: int)
     }
 
 
-def step(name: str, command: list[str], cwd: Path, log: Path) -> float:
-    """Run one README command; its output goes to `log`; returns its seconds."""
+def step(name: str, command: list[str], cwd: Path, log: Path, *, check: bool = True) -> dict:
+    """Run one README command (its output goes to `log`): its seconds and exit status."""
     print(f"== {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
     with log.open("a") as out:
@@ -118,9 +118,9 @@ def step(name: str, command: list[str], cwd: Path, log: Path) -> float:
         result = subprocess.run(
             [sys.executable, *command], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
         )
-    if result.returncode:
+    if check and result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}); see {log}")
-    return time.perf_counter() - started
+    return {"seconds": time.perf_counter() - started, "returncode": result.returncode}
 
 
 def wait_for_switch(url: str, old: str | None, timeout_s: float) -> float:
@@ -132,95 +132,83 @@ def wait_for_switch(url: str, old: str | None, timeout_s: float) -> float:
     return time.perf_counter() - started
 
 
+def script(name: str) -> str:
+    return str(REPO_ROOT / "finetune" / name)
+
+
+def retrain(args: argparse.Namespace, work: Path, db: str) -> dict:
+    """Export, continue the shipped adapter, compare: each step skipped when `work` has it."""
+    log, export, candidate = work / "loop.log", work / "export", work / "outputs" / "v2"
+    times = {}
+    if not (export / "export.json").is_file():
+        times["export"] = step("export", [script("feedback.py"), "--db", db, "export",
+                                          "--out", str(export)], work, log)  # fmt: skip
+    if not (candidate / "adapter_model.safetensors").is_file():
+        times["train"] = step("train", [
+            script("train.py"), "--init_adapter", str(SHIPPED_ADAPTER),
+            "--dataset", str(export / "sft.jsonl"), "--replay_dataset", str(BITEXT),
+            "--output_dir", str(candidate), "--max_steps", str(args.max_steps),
+        ], work, log)  # fmt: skip
+    if not (candidate / "versus.json").is_file():
+        times["evaluate"] = step("evaluate --against", [
+            script("evaluate.py"), "--adapter", str(candidate), "--against", str(SHIPPED_ADAPTER),
+            "--limit", str(args.eval_limit),
+        ], work, log)  # fmt: skip
+    export_report = json.loads((export / "export.json").read_text())
+    versus = json.loads((candidate / "versus.json").read_text())
+    return {"times": times, "export": export_report, "versus": versus}
+
+
+def promote(args: argparse.Namespace, work: Path) -> dict:
+    """The gate first; with `--force` a refused candidate is promoted anyway (logged)."""
+    log, outputs = work / "loop.log", work / "outputs"
+    command = [script("promote.py"), str(outputs / "v2"), "--outputs_dir", str(outputs)]
+    gate = step("promote", command, work, log, check=False)
+    result = {"gate_passed": gate["returncode"] == 0, "forced": False}
+    if gate["returncode"] and args.force:
+        step("promote --force", [*command, "--force"], work, log)
+        result["forced"] = True
+    return result
+
+
 def run_loop(args: argparse.Namespace, work: Path) -> dict:
-    log = work / "loop.log"
-    rows = training_questions(args.questions)
+    db = str(work / "feedback.sqlite3")
     env = {
-        "SUPPORTLM_FEEDBACK_DB": str(work / "feedback.sqlite3"),
+        "SUPPORTLM_FEEDBACK_DB": db,
         "SUPPORTLM_ADAPTER_WATCH_S": "1",
         "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0",  # one client stands for many agents
         "SUPPORTLM_SHOP": str(REPO_ROOT / "data" / "shop.yaml"),
     }
-    process, startup_s, app_log = start_app(
-        "embedded", "llama.cpp", (port := free_port()), env, 600, cwd=work
-    )
+    port = free_port()
+    process, startup_s, app_log = start_app(None, "llama.cpp", port, env, 600, cwd=work)
     url = f"http://127.0.0.1:{port}/"
     sampler = RssSampler(process.pid)
     sampler.start()
     try:
         before = health(url)
-        report = {
-            "startup_s": startup_s,
-            "served_before": before,
-            "feedback": collect_feedback(url, rows, args.max_new_tokens),
-        }
-        steady_before = sampler.peak(sampler.now() - 5, sampler.now())
-        outputs, export = work / "outputs", work / "export"
-        times = {
-            "export": step(
-                "export",
-                [
-                    str(REPO_ROOT / "finetune/feedback.py"),
-                    "--db",
-                    env["SUPPORTLM_FEEDBACK_DB"],
-                    "export",
-                    "--out",
-                    str(export),
-                ],
-                work,
-                log,
+        if before["adapter_version"] is None:
+            raise SystemExit("the app serves no adapter; the loop starts from the shipped one")
+        report: dict = {"startup_s": startup_s, "served_before": before}
+        if not (work / "export" / "export.json").is_file():
+            report["feedback"] = collect_feedback(
+                url, training_questions(args.questions), args.max_new_tokens
             )
-        }
-        train = [
-            str(REPO_ROOT / "finetune/train.py"),
-            "--init_adapter",
-            str(SHIPPED_ADAPTER),
-            "--dataset",
-            str(export / "sft.jsonl"),
-            "--replay_dataset",
-            str(BITEXT),
-            "--output_dir",
-            str(outputs / "v2"),
-            "--max_steps",
-            str(args.max_steps),
-        ]
-        times["train"] = step("train", train, work, log)
-        evaluate = [
-            str(REPO_ROOT / "finetune/evaluate.py"),
-            "--adapter",
-            str(outputs / "v2"),
-            "--against",
-            str(SHIPPED_ADAPTER),
-            "--limit",
-            str(args.eval_limit),
-        ]
-        times["evaluate"] = step("evaluate --against", evaluate, work, log)
-        versus = json.loads((outputs / "v2" / "versus.json").read_text())
-        promote = [
-            str(REPO_ROOT / "finetune/promote.py"),
-            str(outputs / "v2"),
-            "--outputs_dir",
-            str(outputs),
-        ]
-        if args.force:
-            promote.append("--force")
+        steady_before = sampler.peak(sampler.now() - 5, sampler.now())
+        report.update(retrain(args, work, db))
         switch_started = sampler.now()
-        times["promote"] = step("promote", promote, work, log)
-        times["switch"] = wait_for_switch(url, before["adapter_version"], 600)
-        time.sleep(3)  # the old engine closes after its last request
-        after = health(url)
-        report.update(
-            times=times,
-            versus=versus,
-            served_after=after,
-            rss={
-                "steady_before_mb": steady_before / 2**20,
-                "switch_peak_mb": sampler.peak(switch_started, sampler.now()) / 2**20,
-                "steady_after_mb": sampler.peak(sampler.now() - 1, sampler.now()) / 2**20,
-            },
-        )
-        reply = Client(url, verbose=False).predict(rows[0][0], api_name="/reply", max_new_tokens=64)
-        report["reply_after_switch"] = reply["text"]
+        report["promotion"] = promote(args, work)
+        if report["promotion"]["gate_passed"] or report["promotion"]["forced"]:
+            report["switch_s"] = wait_for_switch(url, before["adapter_version"], 600)
+            time.sleep(3)  # the old engine closes after its last request
+        report["served_after"] = health(url)
+        report["rss_mb"] = {
+            "steady_before": steady_before / 2**20,
+            "switch_peak": sampler.peak(switch_started, sampler.now()) / 2**20,
+            "steady_after": sampler.peak(sampler.now() - 1, sampler.now()) / 2**20,
+        }
+        question = training_questions(1)[0][0]
+        reply = Client(url, verbose=False).predict(question, api_name="/reply", max_new_tokens=64)
+        report["reply_after"] = {"question": question, "text": reply["text"]}
     finally:
         sampler.stopped.set()
         process.terminate()
@@ -235,8 +223,16 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=160)
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--eval_limit", type=int, default=40)
-    parser.add_argument("--force", action="store_true", help="promote even if the checks fail")
-    parser.add_argument("--work", help="work folder (default: a new temporary one)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="if the gate refuses, promote anyway (logged) to measure the switch",
+    )
+    parser.add_argument(
+        "--work",
+        help="work folder (default: a new one); its finished steps "
+        "(export, training, comparison) are reused",
+    )
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="supportlm-loop-"))

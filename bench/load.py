@@ -69,22 +69,26 @@ def free_port() -> int:
 
 
 def start_app(
-    model: str,
+    model: str | None,
     backend: str,
     port: int,
     env_overrides: dict[str, str],
     timeout_s: float,
     cwd: Path = REPO_ROOT,
 ) -> tuple[subprocess.Popen, float, Path]:
-    """Launch app.py and wait until it answers HTTP; returns the process and start-up seconds."""
+    """Launch app.py and wait until it answers HTTP; returns the process and start-up seconds.
+
+    `model` None leaves ``SUPPORTLM_MODEL`` unset: the app's default (the promoted or shipped
+    adapter on its base, followed live when a new one is promoted).
+    """
     log_path = Path(tempfile.mkstemp(prefix="supportlm-app-", suffix=".log")[1])
     env = {
         **os.environ,
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
-        "SUPPORTLM_MODEL": model,
         "SUPPORTLM_BACKEND": backend,
+        **({"SUPPORTLM_MODEL": model} if model else {}),
         **env_overrides,
     }
     start = time.perf_counter()

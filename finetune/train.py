@@ -16,6 +16,7 @@ from pathlib import Path
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.train.config import parse_config
+from supportlm.train.distributed import use_cpu_ranks
 from supportlm.train.run import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(arg.startswith("--config=") for arg in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    use_cpu_ranks()  # `accelerate launch --num_processes N` on a CPU machine: gloo ranks
     try:
         config = parse_config(argv)
         train(config)

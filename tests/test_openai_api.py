@@ -362,7 +362,7 @@ def test_the_openai_client_streams_a_fine_tuned_answer_from_app_py(repo_root, tm
 
     port = free_port()
     env = {"SUPPORTLM_FEEDBACK_DB": str(tmp_path / "fb.sqlite3"), "HF_HUB_OFFLINE": "1"}
-    process, _, log = start_app("embedded", os.environ.get("SUPPORTLM_BACKEND", "auto"), port, env,
+    process, _, log = start_app(None, os.environ.get("SUPPORTLM_BACKEND", "auto"), port, env,
                                 600, cwd=tmp_path)  # fmt: skip
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)

@@ -23,6 +23,7 @@ from supportlm.embedded import upstream_id
 from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.run_folder import RunFolder, update_latest, writing
+from supportlm.train import distributed
 from supportlm.train.config import TrainConfig
 from supportlm.train.continued import resolve_init_adapter, run_lineage
 from supportlm.train.dataset import PreparedDataset, prepare_dataset, stratified_sample
@@ -56,17 +57,22 @@ def train(config: TrainConfig) -> TrainResult:
     """Load the model and data, fine-tune a LoRA adapter, and write the self-describing folder."""
     output_dir = Path(config.training.output_dir)
     training = config.training
-    resume = prepare_output_dir(
-        output_dir, training.resume_from_checkpoint, training.overwrite_output_dir
-    )
+    distributed.quiet_replicas()
+    with training.main_process_first(desc="checking the output folder"):
+        resume = prepare_output_dir(
+            output_dir, training.resume_from_checkpoint, training.overwrite_output_dir
+        )
     logger.info("Resolved config:\n%s", yaml.safe_dump(config.to_flat_dict(), sort_keys=False))
     parent = resolve_init_adapter(config.model.init_adapter)
-    loaded = _load_model(config, parent)
-    prepared = _prepare_data(config, loaded)
+    with training.main_process_first(desc="loading (and converting) the model, reading data"):
+        loaded = _load_model(config, parent)
+        prepared = _prepare_data(config, loaded)
     trainer, timer = _build_trainer(config, loaded, prepared, output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
-    eval_metrics = final_eval_metrics(trainer)
+    eval_metrics = final_eval_metrics(trainer)  # every rank: it may evaluate, a collective step
     metrics = _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics)
+    if not distributed.is_main():
+        return TrainResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
     with writing(output_dir) as run:
         trainer.save_model(str(run.path))
         write_output_dir(
@@ -100,8 +106,11 @@ def _load_model(config: TrainConfig, parent: RunFolder | None = None) -> LoadedM
         check_lora_shape(parent, loaded.model, config.lora)
     if loaded.device == "cpu":
         # One thread per physical core: hyper-threads share the FMA units and only add contention.
-        torch.set_num_threads(physical_cores())
-        logger.info("CPU threads: %d", torch.get_num_threads())
+        torch.set_num_threads(distributed.threads_per_rank(physical_cores()))
+        logger.info(
+            "CPU threads: %d per process, %d process(es)",
+            torch.get_num_threads(), distributed.world_size(),
+        )  # fmt: skip
     # PEFT records the model's `name_or_path` as the adapter's base_model_name_or_path: the
     # upstream Hub id (or the folder transformers read), so plain PEFT can load the adapter;
     # supportlm's own spec ("embedded", a .gguf path) goes into supportlm_run.json.
@@ -243,6 +252,7 @@ def final_eval_metrics(trainer: SupportLMTrainer) -> dict[str, float]:
 def _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics) -> dict[str, Any]:
     memory, memory_kind = peak_memory_mb(loaded.device)
     evaluations = [log for log in trainer.state.log_history if "eval_runtime" in log]
+    supervised = distributed.sum_over_ranks(trainer.supervised_tokens)  # all ranks' batches
     return {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
@@ -254,10 +264,10 @@ def _metrics(loaded, prepared, trainer, timer, train_output, eval_metrics) -> di
         "evaluations": len(evaluations),
         "eval_runtime_s": sum(log["eval_runtime"] for log in evaluations),
         "step_time_s": timer.seconds,
-        "train_supervised_tokens": trainer.supervised_tokens,
-        "train_supervised_tokens_per_second": (
-            trainer.supervised_tokens / timer.seconds if timer.seconds else None
-        ),
+        "train_supervised_tokens": supervised,
+        "train_supervised_tokens_per_second": supervised / timer.seconds if timer.seconds else None,
+        "processes": distributed.world_size(),
+        "cpu_threads_per_process": torch.get_num_threads() if loaded.device == "cpu" else None,
         "peak_memory_mb": round(memory, 1),
         "peak_memory_kind": memory_kind,
         "dataset_sizes": prepared.report.splits,

@@ -173,7 +173,12 @@ class SupportLMTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if not self.supervised_logits or return_outputs:
+        # Under DDP the forward must go through the wrapper (it prepares the gradient
+        # all-reduce), which calls the whole model: the trainer's own loss, all positions.
+        wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if not self.supervised_logits or return_outputs or wrapped:
+            if model.training and not return_outputs:
+                self.supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
