@@ -160,7 +160,7 @@ class ChatCompletions:
         for notice in chat.notices:
             logger.info("API request changed: %s", notice)
         return self.assistant.chat(
-            chat, parsed.settings, use_adapter=self.models()[parsed.model],
+            chat, parsed.settings, use_adapter=parsed.use_adapter,
             client_id=caller, store=self.store,
         )  # fmt: skip
 

@@ -63,6 +63,8 @@ class ChatCompletionRequest:
     """A checked request: which served model, the conversation split as the assistant takes it."""
 
     model: str
+    #: Whether `model` is the fine-tuned adapter (decided once, with the model check).
+    use_adapter: bool
     message: str
     history: list[dict[str, str]]
     system_prompt: str | None
@@ -102,6 +104,7 @@ def parse_chat_request(
         raise invalid("stream_options", "stream_options must be an object.")
     return ChatCompletionRequest(
         model=model,
+        use_adapter=models[model],
         message=message,
         history=history,
         system_prompt=system_prompt,
@@ -132,7 +135,7 @@ def _conversation(messages: Any) -> tuple[str, list[dict[str, str]], str | None]
         else:
             turns.append({"role": message["role"], "content": text})
     if not turns or turns[-1]["role"] != "user":
-        raise invalid("messages", "The last non-system message must be the user's.")
+        raise invalid("messages", "messages must end with the user's message.")
     return turns[-1]["content"], turns[:-1], "\n\n".join(system) if system else None
 
 
