@@ -59,14 +59,19 @@ def answer(engine, prompt_ids, settings, *, use_adapter: bool = True):
     return engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
 
 
+def free_port() -> int:
+    """A local TCP port nobody listens on (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """`app` (ASGI) served by uvicorn in a thread on a free port; yields its base URL."""
     import uvicorn
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

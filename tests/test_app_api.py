@@ -276,6 +276,35 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
     intent = report["intent"]
     assert intent["classifier"].endswith("data/customer_support.jsonl")
     assert intent["ms_per_request"] > 0 and 0 < intent["share_of_request"] < 1
+    # Both HTTP paths ran on the same app process, side by side: Gradio /chat and /v1.
+    assert report["protocols"] == ["gradio", "v1"]
+    for protocol in ("gradio", "v1"):
+        summary = report["by_protocol"][protocol]
+        assert summary["errors"] == 0, protocol
+        assert summary["one_client"]["tokens"] > 0 and summary["n_clients"]["requests"] == 2
+    assert report["one_client"] == report["by_protocol"]["gradio"]["one_client"]
+    ratios = report["v1_vs_gradio"]
+    assert set(ratios) == {"decode_one_client", "aggregate_one_client", "aggregate_n_clients"}
+    by_protocol = report["by_protocol"]
+    v1, gradio = (by_protocol[p]["n_clients"]["aggregate_tok_s"] for p in ("v1", "gradio"))
+    assert ratios["aggregate_n_clients"] == pytest.approx(v1 / gradio)
+
+
+def test_load_benchmark_through_a_remote_supportlm(tiny_chat_model_dir, repo_root, tmp_path):
+    """--remote supportlm: the measured app is SUPPORTLM_BACKEND=openai in front of a second one."""
+    result_file = tmp_path / "load.json"
+    command = [
+        sys.executable,
+        str(repo_root / "bench" / "load.py"),
+        *("--model", tiny_chat_model_dir, "--backend", "transformers", "--remote", "supportlm"),
+        *("--protocol", "v1", "--clients", "2", "--questions", "1", "--max_new_tokens", "6"),
+        *("--json", str(result_file)),
+    ]
+    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(result_file.read_text())
+    assert report["remote"] == "supportlm" and report["protocols"] == ["v1"]
+    assert report["errors"] == 0 and report["one_client"]["tokens"] > 0
+    assert report["v1_vs_gradio"] is None  # one protocol: nothing to compare
 
 
 def test_the_readme_api_example_runs(app, repo_root) -> None:

@@ -16,7 +16,7 @@ import urllib.request
 
 import openai
 import pytest
-from helpers import serving
+from helpers import free_port, serving
 from test_openai_api import QUESTION, start
 
 from supportlm.embedded import EMBEDDED_GGUF_FILE, embedded_model_dir
@@ -109,10 +109,7 @@ def test_forged_control_tokens_stay_text_on_the_remote_server(chain):
 
 
 def test_a_remote_failure_is_a_clear_error(tiny_chat_model_dir, smollm2_tokenizer):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", smollm2_tokenizer, tuned_model="t",
+    engine = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", smollm2_tokenizer, tuned_model="t",
                           base_model="b")  # fmt: skip
     request = engine.request([1, 2], SETTINGS, messages=QUESTION)
     with pytest.raises(RemoteError, match="remote model server failed"):
@@ -135,12 +132,16 @@ def test_a_silent_remote_server_times_out(smollm2_tokenizer):
 
 
 def test_an_api_caller_gets_a_502_when_the_remote_fails(chain, tiny_chat_model_dir, tmp_path):
-    plan = AppSettings(model=tiny_chat_model_dir, backend="openai", adapter="none",
-                       openai_base_url="http://127.0.0.1:9/v1", openai_model="",
-                       feedback_db=tmp_path / "f.sqlite3").resolve()  # fmt: skip
+    # Set as README says, through the environment: 'none' means the remote has no tuned model.
+    plan = AppSettings.from_env({
+        "SUPPORTLM_MODEL": tiny_chat_model_dir, "SUPPORTLM_BACKEND": "openai",
+        "SUPPORTLM_ADAPTER": "none", "SUPPORTLM_OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "SUPPORTLM_OPENAI_MODEL": "none", "SUPPORTLM_FEEDBACK_DB": str(tmp_path / "f.sqlite3"),
+    }).resolve()  # fmt: skip
     assistant = Assistant(build_engine(plan), plan)
     with serving(create_server(build_demo(assistant=assistant), assistant)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert [model.id for model in client.models.list().data] == ["supportlm-base"]
         with pytest.raises(openai.APIStatusError) as failed:
             client.chat.completions.create(model="supportlm-base", messages=QUESTION)
     assert failed.value.status_code == 502 and "remote model server" in failed.value.message
@@ -151,9 +152,7 @@ def llama_server():
     """``python -m llama_cpp.server`` on the embedded GGUF, as a separate process."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("starlette_context", reason="llama-cpp-python[server]: requirements-test")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model",
                str(embedded_model_dir() / EMBEDDED_GGUF_FILE), "--model_alias", "smollm2",
                "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]  # fmt: skip

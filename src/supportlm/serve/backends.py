@@ -6,7 +6,7 @@ from supportlm.engines.base import Engine
 from supportlm.errors import SupportLMError
 from supportlm.modeling import ModelSource, load_model, load_tokenizer, resolve_model
 from supportlm.run_folder import RunFolder
-from supportlm.serve.settings import ServingPlan
+from supportlm.serve.settings import NO_ADAPTER, ServingPlan
 
 
 def build_engine(plan: ServingPlan) -> Engine:
@@ -38,11 +38,14 @@ def _build_remote_engine(plan: ServingPlan, source: ModelSource) -> Engine:
         raise SupportLMError("SUPPORTLM_BACKEND=openai needs SUPPORTLM_OPENAI_BASE_URL.")
     tokenizer = load_tokenizer(source)
     apply_chat_template(tokenizer, plan.adapter)
+    # An empty variable reads as unset (the default), so 'none' is how a user says "no tuned model".
+    tuned = settings.openai_model or ""
+    tuned = None if tuned.strip().lower() in ("", NO_ADAPTER) else tuned
     return OpenAIEngine(
         settings.openai_base_url,
         tokenizer,
-        tuned_model=settings.openai_model or None,
-        base_model=settings.openai_base_model or settings.openai_model or "default",
+        tuned_model=tuned,
+        base_model=settings.openai_base_model or tuned or "default",
         api_key=settings.openai_api_key,
         timeout_s=settings.openai_timeout_s,
         context_length=settings.context_length,

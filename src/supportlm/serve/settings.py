@@ -78,7 +78,9 @@ class AppSettings:
         "SUPPORTLM_OPENAI_BASE_URL", None, "the remote server's /v1 URL (SUPPORTLM_BACKEND=openai)."
     )
     openai_model: str | None = _setting(
-        "SUPPORTLM_OPENAI_MODEL", "supportlm", "the remote server's fine-tuned model; '' for none."
+        "SUPPORTLM_OPENAI_MODEL",
+        "supportlm",
+        "the remote server's fine-tuned model; 'none': it has none.",
     )
     openai_base_model: str | None = _setting(
         "SUPPORTLM_OPENAI_BASE_MODEL", "supportlm-base", "the remote server's base model."
