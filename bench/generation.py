@@ -16,12 +16,17 @@ it measures
   default for 4-bit GGUFs): the same Q8_0 copy with the adapter as a runtime LoRA
   (``SUPPORTLM_LLAMACPP_WEIGHTS=q8_0``), so `merged_vs_unmerged` is measured on both backends;
 * llamacpp: llama-cpp-python's high-level `Llama` on the same GGUF (and the same LoRA), when
-  `llama_cpp` is importable: what the app's path could reach.
+  `llama_cpp` is importable: what the app's path could reach;
+* http_gradio / http_v1 / http_remote: ``python app.py`` started on the same model and adapter,
+  reached through Gradio's ``/chat`` and through ``/v1/chat/completions``, side by side
+  (``v1_vs_gradio``), and through a second app that uses the first one's ``/v1`` as its engine
+  (``--http all``, the default; see `generation_http.py`).
 
 For each: time to first token and decode tokens/s (medians of `--runs` runs after a warm-up),
 prompt tokens/s on a ~600-token prompt, and the peak resident memory of the whole process while
-the case ran. Earlier cases are freed before the next one starts, but the allocator keeps some of
-their memory, so read a later case's peak as an upper bound.
+the case ran (of the server process, for the HTTP cases). Earlier cases are freed before the
+next one starts, but the allocator keeps some of their memory, so read a later case's peak as an
+upper bound.
 """
 
 from __future__ import annotations
@@ -31,16 +36,12 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import psutil
 import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
@@ -59,6 +60,10 @@ from supportlm.run_folder import RunFolder
 from supportlm.serve.backends import build_engine
 from supportlm.serve.settings import AppSettings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench modules
+from generation_http import HTTP_CHOICES, bench_http
+from timing import Measurement, PeakRSS, Run, decode_rate, in_worker_thread, measure_cases
+
 QUESTION = (
     "I ordered a cast-iron casserole two weeks ago and it arrived with a cracked lid. Explain "
     "step by step how I can return it, get a replacement and what happens to my refund."
@@ -69,83 +74,6 @@ ORDER_HISTORY_LINE = (
     "on time to the parcel locker near the station; no complaints about this one."
 )
 BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
-
-T = TypeVar("T")
-
-
-@dataclass
-class Run:
-    ttft_s: float
-    decode_tok_s: float
-    new_tokens: int
-
-
-@dataclass
-class Measurement:
-    ttft_s: float
-    decode_tok_s: float
-    prompt_tok_s: float
-    new_tokens: int
-    peak_rss_mb: float
-    description: str
-
-
-class PeakRSS:
-    """The largest resident set size of this process while the block runs (sampled every 5 ms)."""
-
-    def __init__(self) -> None:
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._process = psutil.Process()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_bytes = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak_bytes / 2**20
-
-
-def in_worker_thread(function: Callable[[], T]) -> T:
-    """Call `function` in a fresh thread and return its result.
-
-    The app's engines generate off the caller's thread, so every case is timed that way: on an
-    oversubscribed CPU, PyTorch's OpenMP team driven from the main thread ran a small model 5-20x
-    slower than the same calls from a worker thread, which would credit the app with a speed-up
-    that is only a threading artefact.
-    """
-    results: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            results.append(function())
-        except BaseException as error:  # re-raised in the caller's thread
-            errors.append(error)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return results[0]
-
-
-def _decode_rate(new_tokens: int, total_s: float, ttft_s: float) -> float:
-    # The first token's time is the prompt's; decode speed is over the tokens after it.
-    return (new_tokens - 1) / (total_s - ttft_s) if new_tokens > 1 and total_s > ttft_s else 0.0
 
 
 class FirstTokenClock(StoppingCriteria):
@@ -176,42 +104,7 @@ class FirstTokenClock(StoppingCriteria):
         """The timings of the call that started at the last `restart` and ended just now."""
         total = time.perf_counter() - self.start
         ttft = (self.first_at or time.perf_counter()) - self.start
-        return Run(ttft, _decode_rate(new_tokens, total, ttft), new_tokens)
-
-
-def measure_cases(
-    cases: dict[str, Callable[[], Run]],
-    prefill_seconds: Callable[[], float],
-    long_prompt_tokens: int,
-    runs: int,
-    memory: PeakRSS,
-) -> dict[str, Measurement]:
-    """Median TTFT and decode speed of each case (description -> run), and prompt speed.
-
-    Each case is warmed up once (first-call allocations, lazy kernels, page faults on the
-    weights); then the cases' runs alternate, so drift on a noisy machine falls on all of them
-    alike. The cases share one engine, so prompt speed is measured once for all.
-    """
-    with memory:
-        for run in cases.values():
-            run()
-        results: dict[str, list[Run]] = {description: [] for description in cases}
-        for _ in range(runs):
-            for description, run in cases.items():
-                results[description].append(run())
-        prefill_seconds()  # warm-up for the long prompt's buffer sizes
-        prefill = statistics.median(prefill_seconds() for _ in range(runs))
-    return {
-        description: Measurement(
-            ttft_s=statistics.median(r.ttft_s for r in case_runs),
-            decode_tok_s=statistics.median(r.decode_tok_s for r in case_runs),
-            prompt_tok_s=long_prompt_tokens / prefill,
-            new_tokens=int(statistics.median(r.new_tokens for r in case_runs)),
-            peak_rss_mb=memory.peak_mb,
-            description=description,
-        )
-        for description, case_runs in results.items()
-    }
+        return Run(ttft, decode_rate(new_tokens, total, ttft), new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +191,7 @@ def bench_engine(
         event = engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
         total = time.perf_counter() - start
         ttft = event.time_to_first_token or total
-        return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
+        return Run(ttft, decode_rate(event.num_tokens, total, ttft), event.num_tokens)
 
     def stream() -> Run:
         # Timed where the UI sees the text: after the engine's queue and detokenisation.
@@ -309,7 +202,7 @@ def bench_engine(
                 first_text_at = time.perf_counter()
         total = time.perf_counter() - start
         ttft = (first_text_at or time.perf_counter()) - start
-        return Run(ttft, _decode_rate(event.num_tokens, total, ttft), event.num_tokens)
+        return Run(ttft, decode_rate(event.num_tokens, total, ttft), event.num_tokens)
 
     def prefill_seconds() -> float:
         event = engine.generate(engine.request(long_ids, one_token, use_adapter=use_adapter))
@@ -384,20 +277,20 @@ def bench_llamacpp(
 
 def build_prompts(
     tokenizer: Any, system_prompt: str, long_prompt_tokens: int
-) -> tuple[list[int], list[int]]:
-    """The short chat prompt, and a long one of about `long_prompt_tokens` tokens."""
-    prompt_ids = encode_chat(
-        tokenizer, with_system_prompt([{"role": "user", "content": QUESTION}], system_prompt)
-    )
+) -> tuple[list[int], list[int], str]:
+    """The short chat prompt, a long one of about `long_prompt_tokens` tokens, and its message."""
+
+    def encode(message: str) -> list[int]:
+        chat = with_system_prompt([{"role": "user", "content": message}], system_prompt)
+        return encode_chat(tokenizer, chat)
+
     history: list[str] = []
     while True:
         history.append(ORDER_HISTORY_LINE.format(n=len(history) + 1))
         message = "My order history:\n" + "\n".join(history) + "\n\n" + QUESTION
-        long_ids = encode_chat(
-            tokenizer, with_system_prompt([{"role": "user", "content": message}], system_prompt)
-        )
+        long_ids = encode(message)
         if len(long_ids) >= long_prompt_tokens:
-            return prompt_ids, long_ids
+            return encode(QUESTION), long_ids, message
 
 
 def build_app_engine(model: str, adapter: str | None, backend: str, **overrides: str) -> Engine:
@@ -431,7 +324,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.adapter
         else (DEFAULT_SYSTEM_PROMPT)
     )
-    prompt_ids, long_ids = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
+    prompt_ids, long_ids, long_message = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(
         f"Model {source.display_name}; adapter {args.adapter or 'none'}; prompt "
@@ -508,6 +401,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             source.gguf_path, lora_path, prompt_ids, long_ids, settings, args.runs
         )
 
+    gc.collect()
+    results.update(bench_http(args, tokenizer, QUESTION, long_message, len(long_ids)))
+
     report: dict[str, Any] = {name: None if m is None else asdict(m) for name, m in results.items()}
     app, streaming = results["app"], results["app_streaming"]
     report["speedup"] = _ratio(app, results["baseline"])
@@ -519,10 +415,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["merged_vs_unmerged"] = _ratio(results["app_merged"], app) or _ratio(
         app, results["app_unmerged"]
     )
+    report["v1_vs_gradio"] = _ratio(results["http_v1"], results["http_gradio"])
+    report["http_vs_in_process"] = _ratio(results["http_v1"], streaming)
+    report["remote_vs_direct"] = _ratio(results["http_remote"], results["http_v1"])
     report["settings"] = {
         "model": source.name,
         "adapter": args.adapter,
         "backend": args.backend,
+        "http": args.http,
         "prompt_tokens": len(prompt_ids),
         "long_prompt_tokens": len(long_ids),
         "runs": args.runs,
@@ -550,6 +450,9 @@ def format_table(report: dict[str, Any]) -> str:
         "app_merged",
         "app_unmerged",
         "llamacpp",
+        "http_gradio",
+        "http_v1",
+        "http_remote",
     ):
         row = report.get(name)
         if row is None:
@@ -567,6 +470,9 @@ def format_table(report: dict[str, Any]) -> str:
         ("streaming_overhead", "streaming overhead (1 - stream/generate decode)"),
         ("adapter_vs_base", "adapter on / adapter off decode"),
         ("merged_vs_unmerged", "merged / unmerged adapter decode"),
+        ("v1_vs_gradio", "/v1 / Gradio /chat decode (HTTP, same server)"),
+        ("http_vs_in_process", "/v1 over HTTP / in-process stream decode"),
+        ("remote_vs_direct", "through a remote-engine hop / direct /v1 decode"),
     ):
         value = report.get(key)
         lines.append(f"{label}: {'-' if value is None else f'{value:.2f}'}")
@@ -587,6 +493,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Tokens per reply.")
     parser.add_argument(
         "--prompt_tokens", type=int, default=600, help="Length of the prefill-speed prompt."
+    )
+    parser.add_argument(
+        "--http",
+        default="all",
+        choices=HTTP_CHOICES,
+        help="HTTP cases: none; direct (app.py via Gradio /chat and /v1); all (also /v1 through a "
+        "second app with SUPPORTLM_BACKEND=openai).",
     )
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)

@@ -138,7 +138,9 @@ def start_llama_server(
     alias = TUNED_MODEL if lora else BASE_MODEL
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
-               "--n_ctx", "2048", "--n_threads", str(threads)]  # fmt: skip
+               "--n_ctx", "2048", "--n_threads", str(threads),
+               # Queue concurrent requests instead of cutting the running stream off.
+               "--interrupt_requests", "False"]  # fmt: skip
     if lora:
         command += ["--lora_path", str(lora)]
     with log.open("w") as output:

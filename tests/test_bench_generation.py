@@ -64,15 +64,33 @@ def test_bench_on_tiny_model_writes_every_case(bench_main, tiny_model_dir, adapt
     )
     assert report["settings"]["long_prompt_tokens"] >= 120
     assert report["settings"]["temperature"] == 0.0
+    # The HTTP cases: app.py through Gradio /chat and /v1, and /v1 through a remote-engine hop.
+    for case, path in (("http_gradio", "/chat"), ("http_v1", "/v1"), ("http_remote", "openai")):
+        assert set(report[case]) == CASE_KEYS, case
+        assert path in report[case]["description"]
+        assert report[case]["new_tokens"] >= 1 and report[case]["ttft_s"] > 0
+        assert report[case]["prompt_tok_s"] > 0
+        # The server's memory, not this process's: it holds its own copy of the model.
+        assert report[case]["peak_rss_mb"] > 50
+    assert report["v1_vs_gradio"] == pytest.approx(
+        report["http_v1"]["decode_tok_s"] / report["http_gradio"]["decode_tok_s"]
+    )
+    assert report["remote_vs_direct"] == pytest.approx(
+        report["http_remote"]["decode_tok_s"] / report["http_v1"]["decode_tok_s"]
+    )
+    assert report["settings"]["http"] == "all"
 
 
 def test_bench_without_adapter_has_no_adapter_cases(bench_main, tiny_model_dir, tmp_path):
     output = tmp_path / "bench.json"
     argv = ["--model", tiny_model_dir, "--runs", "1", "--max_new_tokens", "4"]
-    argv += ["--prompt_tokens", "50", "--json", str(output)]
+    argv += ["--prompt_tokens", "50", "--http", "direct", "--json", str(output)]
     assert bench_main(argv) == 0
     report = json.loads(output.read_text())
     assert report["app"] is not None
+    # The app over HTTP serves the base model too (SUPPORTLM_ADAPTER=none), and no remote hop.
+    assert report["http_v1"] is not None and report["http_gradio"] is not None
+    assert report["http_remote"] is None and report["remote_vs_direct"] is None
     assert report["app_no_adapter"] is None and report["adapter_vs_base"] is None
     assert report["app_merged"] is None and report["app_unmerged"] is None
 

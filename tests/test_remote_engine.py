@@ -7,12 +7,15 @@ on the embedded GGUF.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -147,15 +150,15 @@ def test_an_api_caller_gets_a_502_when_the_remote_fails(chain, tiny_chat_model_d
     assert failed.value.status_code == 502 and "remote model server" in failed.value.message
 
 
-@pytest.fixture(scope="module")
-def llama_server():
-    """``python -m llama_cpp.server`` on the embedded GGUF, as a separate process."""
+@contextlib.contextmanager
+def llama_cpp_server(*extra: str) -> Iterator[str]:
+    """``python -m llama_cpp.server`` on the embedded GGUF, as a separate process; its URL."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("starlette_context", reason="llama-cpp-python[server]: requirements-test")
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model",
                str(embedded_model_dir() / EMBEDDED_GGUF_FILE), "--model_alias", "smollm2",
-               "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]  # fmt: skip
+               "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", *extra]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -168,9 +171,18 @@ def llama_server():
                 process.kill()
                 raise RuntimeError("llama_cpp.server did not start") from None
             time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(30)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """Started as the README says: concurrent requests queue instead of interrupting."""
+    with llama_cpp_server("--interrupt_requests", "False") as url:
+        yield url
 
 
 def test_the_app_serves_through_a_llama_cpp_server(llama_server, tmp_path):
@@ -193,3 +205,35 @@ def test_the_app_serves_through_a_llama_cpp_server(llama_server, tmp_path):
     assert text.strip() and chunks[-1].usage.completion_tokens <= 24
     assert summary.finished and summary.text.strip()
     assert "remote OpenAI-compatible server" in assistant.engine.description
+
+
+def test_concurrent_replies_through_a_llama_cpp_server_are_whole(llama_server, smollm2_tokenizer):
+    engine = OpenAIEngine(f"{llama_server}/v1", smollm2_tokenizer, tuned_model=None,
+                          base_model="smollm2")  # fmt: skip
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.0)
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(
+            lambda q: engine.generate(engine.request([1], settings, use_adapter=False, messages=q)),
+            [[{"role": "user", "content": f"Question {n}: where is my parcel?"}] for n in range(3)],
+        ))  # fmt: skip
+    for reply in replies:
+        assert reply.text.strip() and reply.finish_reason in ("stop", "length")
+
+
+def test_a_stream_the_remote_server_cuts_off_is_an_error(smollm2_tokenizer):
+    """llama_cpp.server's default ends a running stream with a bare [DONE] when another request
+    arrives: the engine must report that, not hand back a short reply as if it were whole."""
+    with llama_cpp_server() as url:  # --interrupt_requests stays at its default, True
+        engine = OpenAIEngine(f"{url}/v1", smollm2_tokenizer, tuned_model=None,
+                              base_model="smollm2")  # fmt: skip
+        long = GenerationSettings(max_new_tokens=400, temperature=0.0)
+        message = [{"role": "user", "content": "Write a long story about a lost parcel."}]
+        first = engine.stream(engine.request([1], long, use_adapter=False, messages=message))
+        next(first)  # the first reply is streaming now
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(engine.generate, engine.request(
+                [1], SETTINGS, use_adapter=False, messages=QUESTION))  # fmt: skip
+            with pytest.raises(RemoteError, match="before finishing it"):
+                for _ in first:
+                    pass
+            assert second.result(timeout=120).text.strip()

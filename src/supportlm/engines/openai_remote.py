@@ -110,6 +110,14 @@ class OpenAIEngine(Engine):
             ) from error
         except self._openai.APIError as error:
             raise RemoteError(f"The remote model server failed: {_reason(error)}") from error
+        if finish is None:
+            # A complete reply always names why it ended; llama_cpp.server, for one, ends a
+            # stream with a bare [DONE] when another request interrupts it.
+            raise RemoteError(
+                "The remote model server ended the reply before finishing it (no finish_reason); "
+                "llama_cpp.server does this when a new request arrives, unless started with "
+                "--interrupt_requests False."
+            )
         if usage is not None:
             clock.prompt_tokens = usage.prompt_tokens
             pieces = usage.completion_tokens
