@@ -43,14 +43,9 @@ from supportlm.modeling import load_tokenizer, prepare_model_dir  # noqa: E402
 from supportlm.prompts import encode_chat, end_of_turn_token_ids, with_system_prompt  # noqa: E402
 from supportlm.run_folder import RunFolder  # noqa: E402
 
-QUESTIONS = [
-    "I want to cancel my order, how do I do that?",
-    "My package hasn't arrived yet. Can you check where it is?",
-    "How can I get a refund for a damaged item?",
-    "I forgot my password and can't log in to my account.",
-    "Can I change the delivery address of my order?",
-    "Do you ship to Canada, and how long does it take?",
-]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from load import QUESTIONS  # noqa: E402  (the load test's questions)
+
 #: (inter_threads, intra_threads) layouts of CTranslate2 on this 2-core machine.
 CT2_LAYOUTS = ((1, 2), (2, 1), (4, 1))
 

@@ -255,17 +255,22 @@ def test_real_model_smoke(tmp_path: Path) -> None:
         assert sum(character.isalpha() for character in text) >= 5
 
 
-def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, tmp_path) -> None:
-    result_file = tmp_path / "load.json"
+def run_load_benchmark(repo_root: Path, folder: Path, model: str, *flags: str) -> dict:
+    """`bench/load.py` as a process on `model` (transformers, 2 clients, 1 question); its report."""
+    result_file = folder / "load.json"
     command = [
         sys.executable,
         str(repo_root / "bench" / "load.py"),
-        *("--model", tiny_chat_model_dir, "--backend", "transformers"),
-        *("--clients", "2", "--questions", "1", "--max_new_tokens", "8"),
+        *("--model", model, "--backend", "transformers", "--clients", "2", "--questions", "1"),
+        *flags,
         *("--json", str(result_file)),
     ]
-    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
-    report = json.loads(result_file.read_text())
+    subprocess.run(command, check=True, cwd=folder, timeout=600)
+    return json.loads(result_file.read_text())
+
+
+def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, tmp_path) -> None:
+    report = run_load_benchmark(repo_root, tmp_path, tiny_chat_model_dir, "--max_new_tokens", "8")
     assert report["errors"] == 0
     assert report["startup_s"] > 0 and report["aggregate_speedup"] > 0
     assert report["n_clients"]["clients"] == 2 and report["n_clients"]["requests"] == 2
@@ -292,16 +297,10 @@ def test_load_benchmark_on_the_tiny_model(tiny_chat_model_dir: str, repo_root, t
 
 def test_load_benchmark_through_a_remote_supportlm(tiny_chat_model_dir, repo_root, tmp_path):
     """--remote supportlm: the measured app is SUPPORTLM_BACKEND=openai in front of a second one."""
-    result_file = tmp_path / "load.json"
-    command = [
-        sys.executable,
-        str(repo_root / "bench" / "load.py"),
-        *("--model", tiny_chat_model_dir, "--backend", "transformers", "--remote", "supportlm"),
-        *("--protocol", "v1", "--clients", "2", "--questions", "1", "--max_new_tokens", "6"),
-        *("--json", str(result_file)),
-    ]
-    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
-    report = json.loads(result_file.read_text())
+    report = run_load_benchmark(
+        repo_root, tmp_path, tiny_chat_model_dir,
+        *("--remote", "supportlm", "--protocol", "v1", "--max_new_tokens", "6"),
+    )  # fmt: skip
     assert report["remote"] == "supportlm" and report["protocols"] == ["v1"]
     assert report["errors"] == 0 and report["one_client"]["tokens"] > 0
     assert report["v1_vs_gradio"] is None  # one protocol: nothing to compare
