@@ -53,12 +53,9 @@ Answer = Callable[[list[int]], tuple[int, float]]  # prompt ids -> (tokens, TTFT
 
 
 def llamacpp_answerer(adapter: str, settings: GenerationSettings) -> tuple[Answer, str, Any]:
-    from supportlm.serve.backends import build_engine
-    from supportlm.serve.settings import AppSettings
+    from generation import build_app_engine  # the engine `python app.py` builds
 
-    environ = {"SUPPORTLM_MODEL": "embedded", "SUPPORTLM_ADAPTER": adapter,
-               "SUPPORTLM_BACKEND": "llama.cpp", "SUPPORTLM_CONCURRENCY": "8"}  # fmt: skip
-    engine = build_engine(AppSettings.from_env(environ).resolve())
+    engine = build_app_engine("embedded", adapter, "llama.cpp", SUPPORTLM_CONCURRENCY="8")
 
     def answer(prompt_ids: list[int]) -> tuple[int, float]:
         start, first = time.perf_counter(), None
