@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,20 @@ def test_flat_dict_round_trips(tmp_path: Path) -> None:
     saved.write_text(yaml.safe_dump(config.to_flat_dict()))
     again = parse_config(["--config", str(saved)])
     assert again.to_flat_dict() == config.to_flat_dict()
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (Path(__file__).parents[1] / "finetune").glob("*.py"))
+)
+def test_every_finetune_script_prints_its_help(script: str) -> None:
+    # argparse %-formats help strings: a bare "15%" in a field's help crashed `train.py --help`.
+    root = Path(__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "finetune" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout

@@ -33,7 +33,9 @@ def feedback_export(tmp_path_factory) -> str:
     for i in range(30):
         question = [{"role": "user", "content": f"Can I return the blue kettle number {i}?"}]
         store.add_reply(ReplyRecord(f"r{i}", question, "I do not know.", adapter_version="v-x"))
-        store.add_feedback("correction", f"r{i}", corrected_answer="Yes, within 30 days.")
+        store.add_feedback(
+            "correction", f"r{i}", corrected_answer="Yes, within 30 days.", trusted=True
+        )
     export_feedback(store, folder / "export", heldout_share=0)
     return str(folder / "export" / "sft.jsonl")
 

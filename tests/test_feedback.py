@@ -9,6 +9,7 @@ import pytest
 from supportlm.errors import SupportLMError
 from supportlm.serve.feedback import SCHEMA_VERSION, FeedbackStore, ReplyRecord
 from supportlm.serve.feedback_export import export_feedback
+from supportlm.serve.review import decide, queue
 
 CONVERSATION = [
     {"role": "system", "content": "Be helpful."},
@@ -37,7 +38,7 @@ def test_store_creates_wal_database_with_schema_version(store):
     assert store.path.is_file()
     with sqlite3.connect(store.path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_replies_and_feedback_are_redacted_on_disk(store):
@@ -173,8 +174,14 @@ def test_a_schema_1_database_from_the_first_release_is_migrated_and_keeps_its_ro
     assert old[0]["corrected_answer"] == "Please share your order number."
     assert old[0]["reply_id"] is None  # written before replies had ids
     assert store.list_votes()[0]["choice"] == "tuned"
+    # Rows from before the trust gate wait for a person's approval, like any untrusted row.
+    with pytest.raises(SupportLMError, match="3 rows wait for approval"):
+        export_feedback(store, tmp_path / "refused", heldout_share=0)
+    for item in queue(store):
+        decide(store, item["ref"], "approved", "reviewer")
     report = export_feedback(store, tmp_path / "export", heldout_share=0)
     assert report.rows["sft"] == 2 and report.rows["dpo"] == 2  # the correction, the like; + vote
+    assert report.by_gate == {"agent": 0, "approved": 3, "pending": 0, "rejected": 0}
     add_reply(store)  # and the migrated store takes new rows
     store.add_feedback("like", "r1")
     assert len(store.list_feedback()) == 3

@@ -38,16 +38,16 @@ def store(tmp_path):
     store = FeedbackStore(tmp_path / "feedback.sqlite3")
     q = [question(i, heldout=False) for i in range(4)]
     reply(store, "r1", "It left the warehouse.", q[0])
-    store.add_feedback("like", "r1")
+    store.add_feedback("like", "r1", trusted=True)
     reply(store, "r2", "No idea.", q[1])
-    store.add_feedback("dislike", "r2")
+    store.add_feedback("dislike", "r2", trusted=True)
     reply(store, "r3", "Call us.", q[2], version="v-bbb", intent="complaint")
-    store.add_feedback("correction", "r3", corrected_answer="It ships on Monday.")
+    store.add_feedback("correction", "r3", corrected_answer="It ships on Monday.", trusted=True)
     reply(store, "base", "Base answer.", q[3], version=None)
     reply(store, "tuned", "Tuned answer.", q[3])
-    store.add_vote("base", "tuned", "tuned")
+    store.add_vote("base", "tuned", "tuned", trusted=True)
     reply(store, "h1", "Wrong.", question(9, heldout=True))
-    store.add_feedback("correction", "h1", corrected_answer="The right answer.")
+    store.add_feedback("correction", "h1", corrected_answer="The right answer.", trusted=True)
     return store
 
 
@@ -118,8 +118,8 @@ def test_duplicates_are_written_once_and_the_newest_label_wins(tmp_path):
     asked = question(1, heldout=False)
     for reply_id in ("a", "b"):
         reply(store, reply_id, "Same answer.", asked)
-    store.add_feedback("like", "a")
-    store.add_feedback("dislike", "b")  # the same prompt and reply, disliked later
+    store.add_feedback("like", "a", trusted=True)
+    store.add_feedback("dislike", "b", trusted=True)  # the same prompt and reply, disliked later
     report = export_feedback(store, tmp_path / "out", include_likes=False)
     assert read(tmp_path / "out", "kto") == [
         {

@@ -107,7 +107,9 @@ def parent_and_candidate(tiny_model_dir, tmp_path_factory):
     for i in range(40):
         question = [{"role": "user", "content": f"May I swap the size of shoe order {i}?"}]
         store.add_reply(ReplyRecord(f"r{i}", question, "No.", adapter_version="v-1"))
-        store.add_feedback("correction", f"r{i}", corrected_answer="Yes, free within 30 days.")
+        store.add_feedback(
+            "correction", f"r{i}", corrected_answer="Yes, free within 30 days.", trusted=True
+        )
     export_feedback(store, root / "export", heldout_share=0.25)
     argv = tiny_args(tiny_model_dir, root / "v2", "--max_steps", "2", "--eval_strategy", "no")
     argv += ["--init_adapter", str(parent.output_dir), "--dataset", str(root / "export/sft.jsonl"),

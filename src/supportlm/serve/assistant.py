@@ -38,6 +38,7 @@ from supportlm.serve.engine_slot import EngineSlot
 from supportlm.serve.feedback import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
 from supportlm.serve.handover import IntentRouter
 from supportlm.serve.history import cap_text
+from supportlm.serve.review import provenance
 from supportlm.serve.settings import ServingPlan
 
 logger = logging.getLogger(__name__)
@@ -367,8 +368,10 @@ class Assistant:
                 f"The correction is too long (at most {limit} characters); please shorten it."
             )
         self.feedback_rate.check(client_id, "feedback messages")
+        author, trusted = provenance(client_id, self.settings)
+        who = {"author": author, "trusted": trusted}
         return self._write(
-            lambda: store.add_feedback(kind, reply_id, corrected_answer=corrected_answer),  # type: ignore[arg-type]
+            lambda: store.add_feedback(kind, reply_id, corrected_answer=corrected_answer, **who),  # type: ignore[arg-type]
             "store feedback",
         )
 
@@ -381,7 +384,9 @@ class Assistant:
         _check_reply_id(base_reply_id)
         _check_reply_id(tuned_reply_id)
         self.feedback_rate.check(client_id, "feedback messages")
+        author, trusted = provenance(client_id, self.settings)
+        who = {"author": author, "trusted": trusted}
         return self._write(
-            lambda: store.add_vote(base_reply_id, tuned_reply_id, choice),  # type: ignore[arg-type]
+            lambda: store.add_vote(base_reply_id, tuned_reply_id, choice, **who),  # type: ignore[arg-type]
             "store a vote",
         )

@@ -97,6 +97,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE replies ADD COLUMN handover INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX replies_handover ON replies (handover, created_at);
     """,
+    # 5: who gave the feedback, and the trust gate (supportlm.serve.review): a row becomes
+    # training data when a signed-in agent wrote it or a person approved it.
+    """
+    ALTER TABLE feedback ADD COLUMN author TEXT;
+    ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE feedback ADD COLUMN review TEXT;
+    ALTER TABLE feedback ADD COLUMN reviewed_by TEXT;
+    ALTER TABLE feedback ADD COLUMN reviewed_at TEXT;
+    ALTER TABLE votes ADD COLUMN author TEXT;
+    ALTER TABLE votes ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE votes ADD COLUMN review TEXT;
+    ALTER TABLE votes ADD COLUMN reviewed_by TEXT;
+    ALTER TABLE votes ADD COLUMN reviewed_at TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -237,11 +251,18 @@ class FeedbackStore:
     # -- feedback -----------------------------------------------------------------------------
 
     def add_feedback(
-        self, kind: FeedbackKind, reply_id: str, *, corrected_answer: str | None = None
+        self,
+        kind: FeedbackKind,
+        reply_id: str,
+        *,
+        corrected_answer: str | None = None,
+        author: str | None = None,
+        trusted: bool = False,
     ) -> int:
         """Store a like, dislike or correction of the reply `reply_id`; returns the row id.
 
-        A correction needs `corrected_answer`: the answer the agent wanted instead.
+        A correction needs `corrected_answer`: the answer the agent wanted instead. `author` is
+        the signed-in user, `trusted` whether they are an agent (`supportlm.serve.review`).
         """
         if kind not in FEEDBACK_KINDS:
             raise SupportLMError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")
@@ -262,17 +283,27 @@ class FeedbackStore:
             reply["backend"],
             _dumps(reply["settings"]),
             reply_id,
+            author,
+            int(trusted),
         )
         with self.connect() as connection:
             cursor = connection.execute(
                 "INSERT INTO feedback (created_at, kind, conversation, message_index, reply, "
                 "corrected_answer, model_id, adapter_id, adapter_version, backend, settings, "
-                "reply_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reply_id, author, trusted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             return int(cursor.lastrowid)
 
-    def add_vote(self, base_reply_id: str, tuned_reply_id: str, choice: VoteChoice) -> int:
+    def add_vote(
+        self,
+        base_reply_id: str,
+        tuned_reply_id: str,
+        choice: VoteChoice,
+        *,
+        author: str | None = None,
+        trusted: bool = False,
+    ) -> int:
         """Store which of two replies to the same question a user preferred; returns the row id."""
         if choice not in VOTE_CHOICES:
             raise SupportLMError(f"Unknown vote {choice!r}; use one of {VOTE_CHOICES}.")
@@ -294,12 +325,14 @@ class FeedbackStore:
             _dumps(tuned["settings"]),
             base_reply_id,
             tuned_reply_id,
+            author,
+            int(trusted),
         )
         with self.connect() as connection:
             cursor = connection.execute(
                 "INSERT INTO votes (created_at, question, base_answer, tuned_answer, choice, "
-                "model_id, adapter_id, adapter_version, settings, base_reply_id, tuned_reply_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_id, adapter_id, adapter_version, settings, base_reply_id, tuned_reply_id, "
+                "author, trusted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             return int(cursor.lastrowid)

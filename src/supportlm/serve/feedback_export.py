@@ -15,9 +15,13 @@ One export is a folder:
   "rejected", "kind", "adapter_version"}`` where the last message is the reference answer (a
   correction, or a liked reply) and ``rejected`` the reply it replaced; `finetune/evaluate.py
   --against` scores new vs old adapters on it;
-* ``export.json``: what was exported and from what (counts by kind, adapter version, intent; the
-  filters; the rows of each file and a content hash of the export), which training records in its
-  lineage; ``export.md`` says the same for people.
+* ``export.json``: what was exported and from what (counts by kind, adapter version, intent; how
+  many rows each trust gate let through; the filters; the rows of each file and a content hash of
+  the export), which training records in its lineage; ``export.md`` says the same for people.
+
+Only trusted feedback is exported (`supportlm.serve.review`): from a signed-in agent, or approved
+by a person; pending and rejected rows are counted in the report and left out of every file,
+held-out feedback included (an untrusted correction must not decide a promotion either).
 
 A question is held out by a salted hash of its normalised text, so it is held out in every export
 and its rows of every kind stay on one side. Rows with the same prompt and answer are written once
@@ -42,6 +46,7 @@ from supportlm.errors import SupportLMError
 from supportlm.run_folder import FEEDBACK_EXPORT_REPORT
 from supportlm.serve.feedback import FeedbackStore
 from supportlm.serve.redaction import redact
+from supportlm.serve.review import GATES, PASSING, gate
 
 FILES = ("sft", "kto", "dpo", "heldout")
 HELDOUT_SALT = "supportlm-feedback-heldout:"
@@ -76,6 +81,7 @@ class Signal:
     created_at: str
     choice: str | None = None  # a vote's choice
     other: str | None = None  # a vote's other answer (the winner, or the second bad one)
+    gate: str = "pending"  # supportlm.serve.review.GATES
 
     @property
     def question(self) -> str:
@@ -90,6 +96,7 @@ class ExportReport:
     by_kind: dict[str, int] = field(default_factory=dict)
     by_adapter_version: dict[str, int] = field(default_factory=dict)
     by_intent: dict[str, int] = field(default_factory=dict)
+    by_gate: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     duplicates_dropped: int = 0
     votes_skipped: int = 0
@@ -100,7 +107,8 @@ class ExportReport:
     def to_markdown(self) -> str:
         lines = ["# Feedback export", "", f"Content hash `{self.export_hash}`.", ""]
         for title, counts in (
-            ("Feedback by kind", self.by_kind),
+            ("Trust gates (only agent and approved rows are exported)", self.by_gate),
+            ("Exported feedback by kind", self.by_kind),
             ("By adapter version", self.by_adapter_version),
             ("By detected intent", self.by_intent),
             ("Rows written", self.rows),
@@ -123,11 +131,15 @@ def is_heldout(question: str, share: float) -> bool:
 
 
 def collect_signals(store: FeedbackStore, filters: ExportFilter) -> list[Signal]:
-    """Every feedback row and vote that passes `filters`, oldest first."""
+    """Every feedback row and vote that passes `filters`, oldest first, with its trust gate."""
     intents = {r["reply_id"]: r.get("intent") for r in store.list_replies(None)}
     signals = [_feedback_signal(row, intents) for row in store.list_feedback(None)[::-1]]
     signals += [_vote_signal(store, row, intents) for row in store.list_votes(None)[::-1]]
-    kept = [s for s, row in signals if filters.keeps(row)]
+    kept = []
+    for signal, row in signals:
+        if filters.keeps(row):
+            signal.gate = gate(row)
+            kept.append(signal)
     return sorted(kept, key=lambda signal: signal.created_at)
 
 
@@ -276,6 +288,14 @@ def export_feedback(
     signals = collect_signals(store, filters)
     if not signals:
         raise SupportLMError("No feedback to export (check the store and the filters).")
+    report.by_gate = {name: sum(s.gate == name for s in signals) for name in GATES}
+    signals = [signal for signal in signals if signal.gate in PASSING]
+    if not signals:
+        raise SupportLMError(
+            f"No trusted feedback to export: {report.by_gate['pending']} rows wait for approval "
+            "(the Insights tab, or `feedback.py review`); only signed-in agents' feedback is "
+            "trusted as it arrives (SUPPORTLM_AGENTS)."
+        )
     _count(report, signals)
     rows = build_rows(signals, heldout_share, include_likes, report)
     out_dir = Path(out_dir)

@@ -154,6 +154,12 @@ class AppSettings:
     auth: str | None = _setting(
         "SUPPORTLM_AUTH", None, "'user:password' (comma-separated pairs) to require a login."
     )
+    agents: str | None = _setting(
+        "SUPPORTLM_AGENTS",
+        None,
+        "comma-separated signed-in users whose feedback is trusted as training data and who see "
+        "Insights; default: every SUPPORTLM_AUTH user. Others' feedback waits for approval.",
+    )
     hf_oauth: int = _setting(
         "SUPPORTLM_HF_OAUTH", 0, "1: require a Hugging Face sign-in (a Space with hf_oauth: true)."
     )
@@ -237,6 +243,12 @@ class AppSettings:
                 "SUPPORTLM_AUTH must be 'user:password' pairs separated by commas."
             )
         return [(user, password) for user, _, password in pairs]
+
+    def agent_names(self) -> set[str]:
+        """The signed-in users trusted as agents (`supportlm.serve.review`)."""
+        if self.agents is not None:
+            return {name.strip() for name in self.agents.split(",") if name.strip()}
+        return {user for user, _ in self.auth_pairs() or []}
 
     def cors_origins_list(self) -> list[str]:
         return [origin.strip() for origin in (self.cors_origins or "").split(",") if origin.strip()]

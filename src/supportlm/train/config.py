@@ -255,7 +255,7 @@ class TrainingArguments(SFTConfig):
         metadata={
             "help": "On a CPU, draw LoRA dropout masks four per 64-bit random number "
             "(supportlm.train.trainer.CpuDropout): 2.9x cheaper than torch's bernoulli_, which "
-            "took 15% of a training step; false keeps PEFT's nn.Dropout."
+            "took 15 percent of a training step; false keeps PEFT's nn.Dropout."
         },
     )
     # Owned by DataArguments.max_seq_length; not a flag of its own (see the module docstring).
