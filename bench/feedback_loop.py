@@ -1,31 +1,36 @@
-"""The feedback loop end to end on the real model, as a support team would run it.
+"""Learning from feedback, end to end on the real model, as a support team would run it.
 
-    python bench/feedback_loop.py --questions 80 --force --json docs/results/feedback-loop.json
+    python bench/feedback_loop.py --json docs/results/feedback-loop.json
 
-1. `python app.py` serves the shipped adapter (llama.cpp) in a fresh work folder.
-2. Customers ask Bitext questions from the shipped adapter's *training* split that its 150 steps
-   did not necessarily see (never its validation or test split, so the comparison below stays
-   honest); an agent corrects every reply with the Bitext reference answer (simulated agents:
-   the reference answers stand in for what a person would have written).
-3. `finetune/feedback.py export`, then `finetune/train.py --init_adapter` (the shipped adapter,
-   replaying Bitext), `finetune/evaluate.py --against` (held-out test + held-out feedback) and
-   `finetune/promote.py`, each as its own process, exactly as the README shows them.
-4. The running app notices the promotion and switches adapters without a restart; the app's RSS
-   is sampled every 50 ms throughout, so the switch's peak memory (two engines at once) is
-   measured against the steady state before and after.
+1. A starting adapter is trained on the Bitext sample *without* the corrected intents (cached),
+   so what the loop gains on them is learned from feedback, not from earlier training.
+2. `python app.py` serves it in a fresh work folder; simulated support agents sign in (the
+   export trusts signed-in agents), ask questions of those intents through `/reply`, and dislike
+   and correct each reply with the Bitext reference answer through `/feedback`, as the Chat tab
+   does.
+3. `python finetune/feedback.py loop` runs export, retrain (`--init_adapter`, replaying the
+   starting adapter's own data), evaluate `--against`, promote; the running app switches to the
+   promoted adapter without a restart. Each stage is timed.
+4. *Unseen* questions of the corrected intents, and of the other intents, are asked through the
+   API before and after: ROUGE-L/chrF and the like-share proxy on both.
+
+The app's RSS (process tree) is sampled every 50 ms, so the switch's peak memory (two engines at
+once) is measured against the steady state before and after.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -35,35 +40,63 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
+from feedback_questions import (  # noqa: E402
+    DEFAULT_INTENTS,
+    Question,
+    pick_questions,
+    read_rows,
+    scores,
+    write_without,
+)
 from load import free_port, start_app  # noqa: E402
 
-from supportlm.run_folder import SHIPPED_ADAPTER  # noqa: E402
-from supportlm.train.data import Example  # noqa: E402
-from supportlm.train.dataset import assign_split  # noqa: E402
+from supportlm.placeholders import ShopDetails  # noqa: E402
+from supportlm.run_folder import RunFolder, point_latest  # noqa: E402
 
-BITEXT = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
+SHOP = REPO_ROOT / "data" / "shop.yaml"
+AGENT = "agent"
 
 
-def training_questions(count: int) -> list[tuple[str, str]]:
-    """`count` (question, answer) rows of the training split, spread over the intents."""
-    by_intent: dict[str, list[tuple[str, str]]] = {}
-    with BITEXT.open(newline="") as file:
-        for row in csv.DictReader(file):
-            messages = [
-                {"role": "user", "content": row["instruction"]},
-                {"role": "assistant", "content": row["response"]},
-            ]
-            if assign_split(Example(messages=messages)) == "train":
-                by_intent.setdefault(row["intent"], []).append(
-                    (row["instruction"], row["response"])
-                )
-    picked, round_ = [], 0
-    while len(picked) < count:
-        for rows in by_intent.values():
-            if round_ < len(rows) and len(picked) < count:
-                picked.append(rows[round_])
-        round_ += 1
-    return picked
+def script(name: str) -> str:
+    return str(REPO_ROOT / "finetune" / name)
+
+
+def run_step(name: str, command: list[str], cwd: Path, log: Path) -> float:
+    """Run one command (output to `log`); its seconds. A failure stops the bench."""
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"\n== {name}: {' '.join(command)}\n")
+        out.flush()
+        done = subprocess.run([sys.executable, *command], cwd=cwd, stdout=out, stderr=out)
+    if done.returncode:
+        raise SystemExit(f"{name} failed ({done.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+# -- the starting adapter ---------------------------------------------------------------------
+
+
+def start_adapter(args: argparse.Namespace, rows: list[dict[str, str]]) -> tuple[Path, Path]:
+    """The cached starting adapter and its training data (the sample without `args.intents`)."""
+    config = Path(args.start_config).read_bytes()
+    key = json.dumps([sorted(args.intents), args.start_steps, args.model, config.hex()])
+    folder = Path(args.cache) / f"start-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    data, adapter = folder / "bitext-without.csv", folder / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        kept = write_without(rows, args.intents, data)
+        print(f"starting adapter: {kept} rows without {', '.join(args.intents)}", flush=True)
+        command = [
+            script("train.py"), "--config", str(Path(args.start_config).resolve()),
+            "--dataset", str(data), "--max_steps", str(args.start_steps),
+            "--output_dir", str(adapter),
+            *(["--model_name_or_path", args.model] if args.model else []),
+        ]  # fmt: skip
+        run_step("train the starting adapter", command, folder, folder / "train.log")
+    return adapter, data
+
+
+# -- the app and its API ----------------------------------------------------------------------
 
 
 class RssSampler(threading.Thread):
@@ -86,8 +119,8 @@ class RssSampler(threading.Thread):
     def now(self) -> float:
         return time.perf_counter() - self.start_time
 
-    def peak(self, start: float, end: float) -> int:
-        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+    def peak_mb(self, start: float, end: float) -> float:
+        return max((rss for t, rss in self.samples if start <= t <= end), default=0) / 2**20
 
 
 def health(url: str) -> dict:
@@ -95,32 +128,26 @@ def health(url: str) -> dict:
         return json.load(response)
 
 
-def collect_feedback(url: str, rows: list[tuple[str, str]], max_new_tokens: int) -> dict:
-    client = Client(url, verbose=False)
-    started = time.perf_counter()
-    for question, answer in rows:
-        reply = client.predict(question, api_name="/reply", max_new_tokens=max_new_tokens)
-        client.predict(reply["reply_id"], "correction", answer, api_name="/feedback")
-    return {
-        "replies": len(rows),
-        "corrections": len(rows),
-        "seconds": time.perf_counter() - started,
-    }
+def ask_all(client: Client, questions: list[Question], max_new_tokens: int) -> list[str]:
+    """Answers through `/reply`, two at a time (the app serves two lanes)."""
+
+    def ask(question: Question) -> str:
+        reply = client.predict(question.text, api_name="/reply", max_new_tokens=max_new_tokens)
+        return reply["text"]
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(ask, questions))
 
 
-def step(name: str, command: list[str], cwd: Path, log: Path, *, check: bool = True) -> dict:
-    """Run one README command (its output goes to `log`): its seconds and exit status."""
-    print(f"== {name}: {' '.join(command)}", flush=True)
-    started = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"\n== {name}: {' '.join(command)}\n")
-        out.flush()
-        result = subprocess.run(
-            [sys.executable, *command], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-        )
-    if check and result.returncode:
-        raise SystemExit(f"{name} failed ({result.returncode}); see {log}")
-    return {"seconds": time.perf_counter() - started, "returncode": result.returncode}
+def give_feedback(client: Client, questions: list[Question], max_new_tokens: int) -> int:
+    """Each reply disliked, then corrected with the reference answer; returns the rows written."""
+    rows = 0
+    for question in questions:
+        reply = client.predict(question.text, api_name="/reply", max_new_tokens=max_new_tokens)
+        client.predict(reply["reply_id"], "dislike", None, api_name="/feedback")
+        client.predict(reply["reply_id"], "correction", question.answer, api_name="/feedback")
+        rows += 2
+    return rows
 
 
 def wait_for_switch(url: str, old: str | None, timeout_s: float) -> float:
@@ -132,113 +159,160 @@ def wait_for_switch(url: str, old: str | None, timeout_s: float) -> float:
     return time.perf_counter() - started
 
 
-def script(name: str) -> str:
-    return str(REPO_ROOT / "finetune" / name)
+# -- the loop ---------------------------------------------------------------------------------
 
 
-def retrain(args: argparse.Namespace, work: Path, db: str) -> dict:
-    """Export, continue the shipped adapter, compare: each step skipped when `work` has it."""
-    log, export, candidate = work / "loop.log", work / "export", work / "outputs" / "v2"
-    times = {}
-    if not (export / "export.json").is_file():
-        times["export"] = step("export", [script("feedback.py"), "--db", db, "export",
-                                          "--out", str(export)], work, log)  # fmt: skip
-    if not (candidate / "adapter_model.safetensors").is_file():
-        times["train"] = step("train", [
-            script("train.py"), "--init_adapter", str(SHIPPED_ADAPTER),
-            "--dataset", str(export / "sft.jsonl"), "--replay_dataset", str(BITEXT),
-            "--output_dir", str(candidate), "--max_steps", str(args.max_steps),
-        ], work, log)  # fmt: skip
-    if not (candidate / "versus.json").is_file():
-        times["evaluate"] = step("evaluate --against", [
-            script("evaluate.py"), "--adapter", str(candidate), "--against", str(SHIPPED_ADAPTER),
-            "--limit", str(args.eval_limit),
-        ], work, log)  # fmt: skip
-    export_report = json.loads((export / "export.json").read_text())
-    versus = json.loads((candidate / "versus.json").read_text())
-    return {"times": times, "export": export_report, "versus": versus}
-
-
-def promote(args: argparse.Namespace, work: Path) -> dict:
-    """The gate first; with `--force` a refused candidate is promoted anyway (logged)."""
-    log, outputs = work / "loop.log", work / "outputs"
-    command = [script("promote.py"), str(outputs / "v2"), "--outputs_dir", str(outputs)]
-    gate = step("promote", command, work, log, check=False)
-    result = {"gate_passed": gate["returncode"] == 0, "forced": False}
-    if gate["returncode"] and args.force:
-        step("promote --force", [*command, "--force"], work, log)
-        result["forced"] = True
-    return result
-
-
-def run_loop(args: argparse.Namespace, work: Path) -> dict:
-    db = str(work / "feedback.sqlite3")
-    env = {
-        "SUPPORTLM_FEEDBACK_DB": db,
+def app_env(work: Path, password: str) -> dict[str, str]:
+    return {
+        "SUPPORTLM_FEEDBACK_DB": str(work / "feedback.sqlite3"),
         "SUPPORTLM_ADAPTER_WATCH_S": "1",
-        "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0",  # one client stands for many agents
-        "SUPPORTLM_SHOP": str(REPO_ROOT / "data" / "shop.yaml"),
+        "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0",  # one client stands for a team of agents
+        "SUPPORTLM_RATE_LIMIT": "0",
+        "SUPPORTLM_AUTH": f"{AGENT}:{password}",  # the agents sign in: their feedback is trusted
+        "SUPPORTLM_SHOP": str(SHOP),
     }
+
+
+def loop_command(args: argparse.Namespace, work: Path, replay: Path) -> list[str]:
+    """`feedback.py loop` exactly as a team runs it (the README's steps in one command)."""
+    command = [
+        script("feedback.py"), "--db", str(work / "feedback.sqlite3"), "loop",
+        "--outputs_dir", str(work / "outputs"), "--replay_dataset", str(replay),
+        "--max_steps", str(args.max_steps), "--eval_limit", str(args.eval_limit),
+        *(["--force"] if args.force else []),
+    ]  # fmt: skip
+    return command + (["--train_args", "--model_name_or_path", args.model] if args.model else [])
+
+
+def run_loop(args: argparse.Namespace, work: Path, replay: Path) -> dict:
+    """Run `feedback.py loop`; its report (stages' seconds, promoted or not)."""
+    outputs = work / "outputs"
+    started = time.perf_counter()
+    with (work / "loop.log").open("a") as log:
+        done = subprocess.run(
+            [sys.executable, *loop_command(args, work, replay)], cwd=work, stdout=log, stderr=log
+        )
+    wall_s = time.perf_counter() - started
+    reports = sorted((outputs / "loops").glob("*.json"))
+    if done.returncode not in (0, 1) or not reports:
+        raise SystemExit(f"feedback.py loop failed ({done.returncode}); see {work / 'loop.log'}")
+    return {**json.loads(reports[-1].read_text()), "wall_s": wall_s}
+
+
+def measure(args: argparse.Namespace, work: Path, start: Path, replay: Path) -> dict:
+    rows = read_rows()
+    sets = pick_questions(
+        rows, args.intents, args.per_intent, args.unseen_per_intent, args.other_per_intent
+    )
+    shop = ShopDetails.load(SHOP)
+    point_latest(RunFolder(start), work / "outputs")
+    password = secrets.token_urlsafe(12)
     port = free_port()
-    process, startup_s, app_log = start_app(None, "llama.cpp", port, env, 600, cwd=work)
+    # No SUPPORTLM_MODEL: the app serves outputs/latest on its base (also for --model) and
+    # follows promotions, as a team's app does.
+    process, startup_s, app_log = start_app(
+        None, args.backend, port, app_env(work, password), 900, cwd=work
+    )
     url = f"http://127.0.0.1:{port}/"
     sampler = RssSampler(process.pid)
     sampler.start()
     try:
+        client = Client(url, auth=(AGENT, password), verbose=False)
         before = health(url)
-        if before["adapter_version"] is None:
-            raise SystemExit("the app serves no adapter; the loop starts from the shipped one")
-        report: dict = {"startup_s": startup_s, "served_before": before}
-        if not (work / "export" / "export.json").is_file():
-            report["feedback"] = collect_feedback(
-                url, training_questions(args.questions), args.max_new_tokens
-            )
-        steady_before = sampler.peak(sampler.now() - 5, sampler.now())
-        report.update(retrain(args, work, db))
-        switch_started = sampler.now()
-        report["promotion"] = promote(args, work)
-        if report["promotion"]["gate_passed"] or report["promotion"]["forced"]:
-            report["switch_s"] = wait_for_switch(url, before["adapter_version"], 600)
-            time.sleep(3)  # the old engine closes after its last request
-        report["served_after"] = health(url)
-        report["rss_mb"] = {
-            "steady_before": steady_before / 2**20,
-            "switch_peak": sampler.peak(switch_started, sampler.now()) / 2**20,
-            "steady_after": sampler.peak(sampler.now() - 1, sampler.now()) / 2**20,
+        unseen = sets.corrected_unseen + sets.other_unseen
+        answers_before = ask_all(client, unseen, args.max_new_tokens)
+        started = time.perf_counter()
+        rows_written = give_feedback(client, sets.feedback, args.feedback_tokens)
+        feedback_s = time.perf_counter() - started
+        steady_before = sampler.peak_mb(sampler.now() - 5, sampler.now())
+        switch_from = sampler.now()
+        loop = run_loop(args, work, replay)
+        switch_s = wait_for_switch(url, before["adapter_version"], 300) if loop["promoted"] else 0
+        time.sleep(3)  # the old engine closes after its last request
+        after = health(url)
+        rss = {
+            "steady_before": steady_before,
+            "switch_peak": sampler.peak_mb(switch_from, sampler.now()),
+            "steady_after": sampler.peak_mb(sampler.now() - 1, sampler.now()),
         }
-        question = training_questions(1)[0][0]
-        reply = Client(url, verbose=False).predict(question, api_name="/reply", max_new_tokens=64)
-        report["reply_after"] = {"question": question, "text": reply["text"]}
+        answers_after = ask_all(client, unseen, args.max_new_tokens)
     finally:
         sampler.stopped.set()
         process.terminate()
         process.wait(30)
-    report["app_log"] = str(app_log)
-    return report
+    n = len(sets.corrected_unseen)
+
+    def both(questions: list[Question], old: list[str], new: list[str]) -> dict:
+        old_scores = scores(questions, old, shop, args.like_rouge)
+        new_scores = scores(questions, new, shop, args.like_rouge)
+        return {
+            "rougeL_before": old_scores["rougeL"], "rougeL_after": new_scores["rougeL"],
+            "chrf_before": old_scores["chrf"], "chrf_after": new_scores["chrf"],
+            "like_share_before": old_scores["like_share"],
+            "like_share_after": new_scores["like_share"], "n_questions": len(questions),
+        }  # fmt: skip
+
+    stages = {**loop["stages_s"], "switch": switch_s}
+    return {
+        "corrected_intents": {
+            "intents": list(args.intents),
+            **both(sets.corrected_unseen, answers_before[:n], answers_after[:n]),
+        },
+        "other_intents": both(sets.other_unseen, answers_before[n:], answers_after[n:]),
+        "feedback_rows": rows_written,
+        "feedback_questions": len(sets.feedback),
+        "feedback_s": feedback_s,
+        "stages_s": stages,
+        "loop_s": sum(stages.values()),
+        "promoted": loop["promoted"],
+        "forced": loop["forced"],
+        "served_before": before,
+        "served_after": after,
+        "startup_s": startup_s,
+        "rss_mb": rss,
+        "loop": loop,
+        "app_log": str(app_log),
+        "samples": [
+            {"question": q.text, "reference": q.answer, "before": old, "after": new}
+            for q, old, new in zip(
+                sets.corrected_unseen[:3],
+                answers_before[: min(n, 3)],
+                answers_after[: min(n, 3)],
+                strict=True,
+            )
+        ],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--intents", nargs="+", default=list(DEFAULT_INTENTS))
+    parser.add_argument("--per_intent", type=int, default=25, help="corrected questions each")
+    parser.add_argument("--unseen_per_intent", type=int, default=8)
+    parser.add_argument("--other_per_intent", type=int, default=1, help="for the regression")
+    parser.add_argument("--max_new_tokens", type=int, default=300, help="scored answers")
+    parser.add_argument("--feedback_tokens", type=int, default=64, help="replies agents correct")
+    parser.add_argument("--like_rouge", type=float, default=40.0, help="the like proxy's bar")
+    parser.add_argument("--start_steps", type=int, default=30)
+    parser.add_argument("--start_config", default=str(REPO_ROOT / "finetune/configs/bitext.yaml"))
+    parser.add_argument("--max_steps", type=int, default=30, help="the retrain's steps")
+    parser.add_argument("--eval_limit", type=int, default=24)
+    parser.add_argument("--model", help="default: the embedded SmolLM2")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache/supportlm/feedback-loop"))
+    parser.add_argument("--work", help="work folder; default: a new temporary one")
+    parser.add_argument("--json", help="write the report here")
+    return parser.parse_args(argv)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=80)
-    parser.add_argument("--max_new_tokens", type=int, default=160)
-    parser.add_argument("--max_steps", type=int, default=30)
-    parser.add_argument("--eval_limit", type=int, default=40)
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="if the gate refuses, promote anyway (logged) to measure the switch",
-    )
-    parser.add_argument(
-        "--work",
-        help="work folder (default: a new one); its finished steps "
-        "(export, training, comparison) are reused",
-    )
-    parser.add_argument("--json", help="write the report here")
-    args = parser.parse_args()
+    args = parse_args()
+    start, replay = start_adapter(args, read_rows())
     work = Path(args.work or tempfile.mkdtemp(prefix="supportlm-loop-"))
     work.mkdir(parents=True, exist_ok=True)
-    report = run_loop(args, work)
-    print(json.dumps(report, indent=2))
+    report = measure(args, work, start, replay)
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -20,6 +20,7 @@ from supportlm.serve.ui.api import register_api
 from supportlm.serve.ui.chat import PRIVACY_NOTICE, chat_tab
 from supportlm.serve.ui.common import max_reply_tokens, session_id
 from supportlm.serve.ui.compare import compare_tab
+from supportlm.serve.ui.insights import insights_tab, is_agent
 from supportlm.serve.ui.summarise import summarise_tab
 from supportlm.serve.ui.translate import translate_tab
 
@@ -73,14 +74,17 @@ def build_demo(
                 translate_tab(assistant, max_reply)
             with gr.Tab("Compare", id="compare"):
                 compare_tab(assistant, max_reply)
+            with gr.Tab("Insights", id="insights") as insights:
+                insights_tab(assistant, insights)
             with gr.Tab("About", id="about"):
                 about_tab(assistant)
         register_api(assistant, switcher)
 
-        def privacy_notice(request: gr.Request) -> str:
-            return PRIVACY_NOTICE.format(conversation=session_id(request))
+        def on_load(request: gr.Request) -> tuple[str, gr.Tab]:
+            notice = PRIVACY_NOTICE.format(conversation=session_id(request))
+            return notice, gr.Tab(visible=is_agent(request, settings))  # agents only, if a login
 
-        demo.load(privacy_notice, None, privacy, api_visibility="private")
+        demo.load(on_load, None, [privacy, insights], api_visibility="private")
     # The assistant's admission layer bounds generation across all events; Gradio's per-listener
     # limit only caps the worker threads one listener may hold while they wait there.
     limit = assistant.admission.concurrency + assistant.admission.max_queue
