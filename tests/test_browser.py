@@ -132,22 +132,3 @@ def test_about_tab_shows_the_adapter(page, adapter_dir: Path) -> None:
     expect(page.locator("#about-serving")).to_contain_text(version)
     expect(page.get_by_text("rougeL")).to_be_visible()
     expect(page.locator("img").last).to_be_visible()
-
-
-def test_insights_tab_shows_satisfaction_and_approves_the_queue(page, app_url, adapter_dir):
-    from playwright.sync_api import expect
-
-    page.get_by_role("tab", name="Insights").click()
-    version = RunFolder(adapter_dir).adapter_version()
-    expect(page.get_by_text(version).first).to_be_visible(timeout=30_000)
-    queue = page.locator("#review-queue")
-    # Nobody signs in on this app: the like and the vote above wait for a person's approval.
-    expect(queue).to_contain_text("like", timeout=30_000)
-    expect(queue).to_contain_text("vote:tuned")
-    page.locator("#review-approve").click()
-    expect(page.get_by_text("Approved: 2 items.")).to_be_visible(timeout=30_000)
-    with sqlite3.connect(app_url[1]) as connection:
-        reviews = connection.execute(
-            "SELECT review FROM feedback UNION ALL SELECT review FROM votes"
-        )
-        assert {row[0] for row in reviews} == {"approved"}
