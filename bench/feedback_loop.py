@@ -52,6 +52,7 @@ from load import free_port, start_app  # noqa: E402
 
 from supportlm.placeholders import ShopDetails  # noqa: E402
 from supportlm.run_folder import RunFolder, point_latest  # noqa: E402
+from supportlm.train.feedback_loop import stage  # noqa: E402
 
 SHOP = REPO_ROOT / "data" / "shop.yaml"
 AGENT = "agent"
@@ -59,19 +60,6 @@ AGENT = "agent"
 
 def script(name: str) -> str:
     return str(REPO_ROOT / "finetune" / name)
-
-
-def run_step(name: str, command: list[str], cwd: Path, log: Path) -> float:
-    """Run one command (output to `log`); its seconds. A failure stops the bench."""
-    print(f"== {name}: {' '.join(command)}", flush=True)
-    started = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"\n== {name}: {' '.join(command)}\n")
-        out.flush()
-        done = subprocess.run([sys.executable, *command], cwd=cwd, stdout=out, stderr=out)
-    if done.returncode:
-        raise SystemExit(f"{name} failed ({done.returncode}); see {log}")
-    return time.perf_counter() - started
 
 
 # -- the starting adapter ---------------------------------------------------------------------
@@ -87,12 +75,13 @@ def start_adapter(args: argparse.Namespace, rows: list[dict[str, str]]) -> tuple
         kept = write_without(rows, args.intents, data)
         print(f"starting adapter: {kept} rows without {', '.join(args.intents)}", flush=True)
         command = [
-            script("train.py"), "--config", str(Path(args.start_config).resolve()),
+            "train.py", "--config", str(Path(args.start_config).resolve()),
             "--dataset", str(data), "--max_steps", str(args.start_steps),
             "--output_dir", str(adapter),
             *(["--model_name_or_path", args.model] if args.model else []),
         ]  # fmt: skip
-        run_step("train the starting adapter", command, folder, folder / "train.log")
+        print(f"== training the starting adapter (log: {folder / 'train.log'})", flush=True)
+        stage("train the starting adapter", command, folder / "train.log", cwd=folder)
     return adapter, data
 
 

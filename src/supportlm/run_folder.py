@@ -53,6 +53,9 @@ RUN_FORMAT = 1
 #: The adapter shipped in the repository (`finetune/configs/release.yaml`): served when no run of
 #: the user's own is there (``outputs/latest``).
 SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / "supportlm-smollm2"
+#: The finetune/ scripts that write run folders (the feedback loop runs them), beside the
+#: package in a source checkout.
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "finetune"
 
 
 @dataclass(frozen=True)

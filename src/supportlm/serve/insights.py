@@ -11,10 +11,10 @@ decides what becomes training data, not what a team gets to see.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from supportlm.serve.feedback import FeedbackStore
+from supportlm.serve.review import rated_question
 
 #: A reply's feedback, one row per reply: the day, version and intent with its counts.
 _PER_REPLY = """
@@ -35,9 +35,9 @@ def _rows(store: FeedbackStore, query: str, parameters: tuple = ()) -> list[dict
 
 
 def _rates(row: dict[str, Any]) -> dict[str, Any]:
-    rated = (row["likes"] or 0) + (row["dislikes"] or 0)
+    rated = row["likes"] + row["dislikes"]  # never NULL: _PER_REPLY counts with COALESCE
     row["like_share"] = round(row["likes"] / rated, 3) if rated else None
-    row["correction_rate"] = round((row["corrections"] or 0) / row["replies"], 3)
+    row["correction_rate"] = round(row["corrections"] / row["replies"], 3)
     return row
 
 
@@ -80,7 +80,7 @@ def most_disliked(store: FeedbackStore, limit: int = 10) -> list[dict[str, Any]]
     """)  # fmt: skip
     found: dict[str, dict[str, Any]] = {}  # newest first, so ties keep the newest order
     for row in rows:
-        question = _question(row)
+        question = rated_question(row)
         entry = found.setdefault(question, {"question": question, "dislikes": 0,
                                             "corrections": 0, "intent": row["intent"]})  # fmt: skip
         entry["dislikes" if row["kind"] == "dislike" else "corrections"] += 1
@@ -98,9 +98,3 @@ def unhappy_intents(store: FeedbackStore) -> list[dict[str, Any]]:
     for row in rows:
         row["unhappy_share"] = round(row["unhappy"] / row["replies"], 3)
     return rows
-
-
-def _question(row: dict[str, Any]) -> str:
-    messages = json.loads(row["conversation"])
-    end = row["message_index"] if row["message_index"] is not None else len(messages) - 1
-    return next((m["content"] for m in reversed(messages[:end]) if m["role"] == "user"), "")

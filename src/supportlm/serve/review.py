@@ -70,15 +70,18 @@ def _item(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
             "author": row.get("author"), "created_at": row["created_at"],
         }  # fmt: skip
     return {
-        "ref": f"f{row['id']}", "kind": row["kind"], "question": _question(row["conversation"]),
+        "ref": f"f{row['id']}", "kind": row["kind"], "question": rated_question(row),
         "reply": row["reply"], "correction": row.get("corrected_answer"),
         "author": row.get("author"), "created_at": row["created_at"],
     }  # fmt: skip
 
 
-def _question(conversation_json: str) -> str:
-    messages = json.loads(conversation_json)
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+def rated_question(row: dict[str, Any]) -> str:
+    """The customer's message a stored feedback row rated: the last user turn before the reply
+    at `message_index` (rows from before it: the conversation's last message)."""
+    messages = json.loads(row["conversation"])
+    end = row["message_index"] if row.get("message_index") is not None else len(messages) - 1
+    return next((m["content"] for m in reversed(messages[:end]) if m["role"] == "user"), "")
 
 
 def decide(store: FeedbackStore, ref: str, decision: str, reviewer: str | None) -> None:

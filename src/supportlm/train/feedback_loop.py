@@ -23,10 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from supportlm.errors import SupportLMError
-from supportlm.run_folder import FEEDBACK_EXPORT_REPORT, LATEST, RunFolder
-
-#: Where the finetune/ scripts live: beside the package in a source checkout.
-SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "finetune"
+from supportlm.run_folder import FEEDBACK_EXPORT_REPORT, LATEST, SCRIPTS_DIR, RunFolder
 
 #: promote.py's exit status when its gate refuses the candidate (an answer, not a failure).
 REFUSED = 1
@@ -62,8 +59,11 @@ class LoopReport:
         return {**asdict(self), "loop_s": self.loop_s}
 
 
-def stage(name: str, command: list[str], log: Path, ok: Sequence[int] = (0,)) -> tuple[float, int]:
-    """Run `command` (a finetune/ script and its flags) with its output in `log`."""
+def stage(
+    name: str, command: list[str], log: Path, ok: Sequence[int] = (0,), cwd: Path | None = None
+) -> tuple[float, int]:
+    """Run `command` (a finetune/ script and its flags) in `cwd`, its output in `log`; its
+    seconds and exit status (one outside `ok` raises)."""
     started = time.perf_counter()
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n== {name}: {' '.join(command)}\n")
@@ -72,6 +72,7 @@ def stage(name: str, command: list[str], log: Path, ok: Sequence[int] = (0,)) ->
             [sys.executable, str(SCRIPTS_DIR / command[0]), *command[1:]],
             stdout=out,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
     if done.returncode not in ok:
         raise SupportLMError(f"The loop's {name} step failed (exit {done.returncode}); see {log}.")

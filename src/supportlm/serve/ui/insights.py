@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from supportlm.run_folder import SCRIPTS_DIR
 from supportlm.serve import insights
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.review import decide, queue
@@ -25,8 +26,6 @@ from supportlm.serve.ui.common import signed_in_user, user_errors
 VERSION_COLUMNS = ["version", "replies", "like_share", "correction_rate", "likes", "dislikes",
                    "corrections", "votes_tuned", "votes_base", "votes_tie", "votes_both_bad",
                    "first_day", "last_day"]  # fmt: skip
-#: finetune/ beside the package in a source checkout (serve does not import train).
-SCRIPTS_DIR = Path(__file__).resolve().parents[4] / "finetune"
 QUEUE_COLUMNS = ["ref", "kind", "author", "question", "reply", "correction", "created_at"]
 
 
