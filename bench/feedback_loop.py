@@ -167,7 +167,8 @@ def loop_command(args: argparse.Namespace, work: Path, replay: Path) -> list[str
     command = [
         script("feedback.py"), "--db", str(work / "feedback.sqlite3"), "loop",
         "--outputs_dir", str(work / "outputs"), "--replay_dataset", str(replay),
-        "--max_steps", str(args.max_steps), "--eval_limit", str(args.eval_limit),
+        "--eval_limit", str(args.eval_limit),
+        *(["--max_steps", str(args.max_steps)] if args.max_steps else []),
         *(["--force"] if args.force else []),
     ]  # fmt: skip
     return command + (["--train_args", "--model_name_or_path", args.model] if args.model else [])
@@ -284,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--like_rouge", type=float, default=40.0, help="the like proxy's bar")
     parser.add_argument("--start_steps", type=int, default=30)
     parser.add_argument("--start_config", default=str(REPO_ROOT / "finetune/configs/bitext.yaml"))
-    parser.add_argument("--max_steps", type=int, default=30, help="the retrain's steps")
+    parser.add_argument("--max_steps", type=int, help="the retrain's steps (default: recipe's)")
     parser.add_argument("--eval_limit", type=int, default=24)
     parser.add_argument("--model", help="default: the embedded SmolLM2")
     parser.add_argument("--backend", default="auto")

@@ -68,7 +68,10 @@ def add_loop_parser(commands: argparse._SubParsersAction) -> None:
     loop = commands.add_parser("loop", help="export, retrain, compare and promote in one go")
     loop.add_argument("--outputs_dir", default="outputs", help="where latest and the runs live")
     loop.add_argument("--replay_dataset", help="the original training data, replayed")
-    loop.add_argument("--max_steps", type=int, default=30, help="training steps of the retrain")
+    loop.add_argument(
+        "--train_config", default=LoopSettings.train_config, help="the retrain's recipe (YAML)"
+    )
+    loop.add_argument("--max_steps", type=int, help="the retrain's steps (default: the recipe's)")
     loop.add_argument("--eval_limit", type=int, default=40, help="test questions compared")
     loop.add_argument("--heldout_share", type=float, default=0.2)
     loop.add_argument("--force", action="store_true", help="promote even if the gate refuses")
@@ -93,7 +96,7 @@ def run_review(store: FeedbackStore, args: argparse.Namespace) -> None:
 def print_loop(db: str, args: argparse.Namespace) -> int:
     settings = LoopSettings(
         db=db, outputs_dir=args.outputs_dir, replay_dataset=args.replay_dataset,
-        max_steps=args.max_steps, eval_limit=args.eval_limit,
+        train_config=args.train_config, max_steps=args.max_steps, eval_limit=args.eval_limit,
         heldout_share=args.heldout_share, force=args.force, train_args=args.train_args,
     )  # fmt: skip
     report = run_loop(settings)

@@ -1,4 +1,4 @@
-"""Builders the tests share: a random LoRA adapter on a model folder, a whole reply.
+"""Builders the tests share: a random LoRA adapter on a model folder, a whole reply, a browser.
 
 Fixtures that use them live in `conftest.py`; tests import these directly when they need a
 variant (another rank, targets or weight scale).
@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
+
+#: Debian's Chromium, which the browser tests drive with Playwright.
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def save_random_adapter(
@@ -85,3 +88,14 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def open_page(playwright, url: str):
+    """A Chromium page on `url` (1280 x 1100), with the flags this sandbox needs."""
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(url)
+    return page

@@ -7,13 +7,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import save_random_adapter
+from helpers import CHROMIUM, open_page, save_random_adapter
 
 from supportlm.run_folder import RunFolder
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.is_file(), reason="Debian's Chromium (/usr/bin/chromium) is not installed"
@@ -59,14 +57,9 @@ def page(app_url):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.goto(app_url[0])
+        page = open_page(playwright, app_url[0])
         yield page
-        browser.close()
+        page.context.browser.close()
 
 
 def test_chat_streams_and_like_is_stored(page, app_url, repo_root: Path) -> None:
@@ -132,3 +125,26 @@ def test_about_tab_shows_the_adapter(page, adapter_dir: Path) -> None:
     expect(page.locator("#about-serving")).to_contain_text(version)
     expect(page.get_by_text("rougeL")).to_be_visible()
     expect(page.locator("img").last).to_be_visible()
+
+
+def test_insights_shows_satisfaction_and_approves_the_queue(
+    page, app_url, adapter_dir: Path, repo_root: Path
+) -> None:
+    """Without a login the person at the app is its operator: Insights shows this adapter's like
+    share, and the anonymous like and vote wait in the queue until approved there."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Insights").click()
+    versions = page.locator("#insights-versions")
+    expect(versions).to_contain_text(RunFolder(adapter_dir).adapter_version(), timeout=30_000)
+    expect(page.locator("#review-queue")).to_contain_text("like")
+    expect(page.locator("#review-queue")).to_contain_text("vote")
+    page.locator("#review-approve").click()
+    expect(page.locator("#review-status")).to_contain_text("Approved: 2 items", timeout=30_000)
+    with sqlite3.connect(app_url[1]) as connection:
+        reviews = connection.execute(
+            "SELECT review, reviewed_by FROM feedback "
+            "UNION ALL SELECT review, reviewed_by FROM votes"
+        ).fetchall()
+    assert reviews == [("approved", None), ("approved", None)]
+    page.screenshot(path=repo_root / "test-artifacts" / "browser-insights.png", full_page=True)

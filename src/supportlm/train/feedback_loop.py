@@ -22,8 +22,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from supportlm.errors import SupportLMError
-from supportlm.run_folder import FEEDBACK_EXPORT_REPORT, LATEST, SCRIPTS_DIR, RunFolder
+from supportlm.run_folder import (
+    FEEDBACK_EXPORT_REPORT,
+    LATEST,
+    SCRIPTS_DIR,
+    TRAINING_CONFIG_FILE,
+    RunFolder,
+)
 
 #: promote.py's exit status when its gate refuses the candidate (an answer, not a failure).
 REFUSED = 1
@@ -34,7 +42,8 @@ class LoopSettings:
     db: str
     outputs_dir: str = "outputs"
     replay_dataset: str | None = None
-    max_steps: int = 30
+    train_config: str = str(SCRIPTS_DIR / "configs" / "feedback.yaml")  # the retrain's recipe
+    max_steps: int | None = None  # None: the recipe's
     eval_limit: int = 40
     heldout_share: float = 0.2
     force: bool = False
@@ -96,10 +105,11 @@ def run_loop(settings: LoopSettings) -> LoopReport:
     steps = [
         ("export", ["feedback.py", "--db", settings.db, "export", "--out", report.export,
                     "--heldout_share", str(settings.heldout_share)]),
-        ("train", ["train.py", *settings.train_args, "--init_adapter", report.parent,
-                   "--dataset", f"{report.export}/sft.jsonl", "--output_dir", report.candidate,
-                   "--max_steps", str(settings.max_steps),
-                   *(["--replay_dataset", replay] if replay else [])]),
+        ("train", ["train.py", "--config", settings.train_config, *lora_shape(parent),
+                   "--init_adapter", report.parent, "--dataset", f"{report.export}/sft.jsonl",
+                   "--output_dir", report.candidate,
+                   *(["--max_steps", str(settings.max_steps)] if settings.max_steps else []),
+                   *(["--replay_dataset", replay] if replay else []), *settings.train_args]),
         ("evaluate", ["evaluate.py", "--adapter", report.candidate, "--against", report.parent,
                       "--limit", str(settings.eval_limit)]),
     ]  # fmt: skip
@@ -117,12 +127,29 @@ def run_loop(settings: LoopSettings) -> LoopReport:
     return report
 
 
+def lora_shape(parent: RunFolder) -> list[str]:
+    """The parent's LoRA rank, alpha and target layers as train.py flags: a continued adapter
+    keeps its shape whatever the recipe's defaults (``--init_adapter`` refuses a mismatch)."""
+    recorded = _recorded_settings(parent)
+    flags = [(f"--{name}", recorded.get(name)) for name in _LORA_SHAPE]
+    return [part for flag, value in flags if value is not None for part in (flag, str(value))]
+
+
 def default_replay(parent: RunFolder) -> str | None:
     """The parent's first training dataset that is here to replay (None: no replay)."""
-    config = parent.training_config()
-    dataset = config.data.dataset if config is not None else []
+    dataset = _recorded_settings(parent).get("dataset") or []
     sources = dataset if isinstance(dataset, list) else str(dataset).split(",")
     return next((s for s in sources if Path(s).expanduser().is_file()), None)
+
+
+_LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")
+
+
+def _recorded_settings(parent: RunFolder) -> dict:
+    """The parent's training_config.yaml as written, unvalidated: its datasets may have moved
+    since, which would make `RunFolder.training_config` refuse it."""
+    path = parent.file(TRAINING_CONFIG_FILE)
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path else {}
 
 
 def _check_export(folder: Path) -> None:

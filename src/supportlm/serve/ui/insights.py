@@ -27,6 +27,8 @@ VERSION_COLUMNS = ["version", "replies", "like_share", "correction_rate", "likes
                    "corrections", "votes_tuned", "votes_base", "votes_tie", "votes_both_bad",
                    "first_day", "last_day"]  # fmt: skip
 QUEUE_COLUMNS = ["ref", "kind", "author", "question", "reply", "correction", "created_at"]
+DISLIKED_COLUMNS = ["question", "dislikes", "corrections", "intent"]
+INTENT_COLUMNS = ["intent", "replies", "unhappy", "unhappy_share"]
 
 
 def is_agent(request: gr.Request | None, settings: AppSettings) -> bool:
@@ -84,7 +86,9 @@ def insights_tab(assistant: Assistant, tab: gr.Tab) -> None:
         return
     loop = LoopProcess(store.path)
     refresh = gr.Button("Refresh")
-    versions = gr.Dataframe(label="Satisfaction per adapter version", interactive=False)
+    versions = gr.Dataframe(
+        label="Satisfaction per adapter version", interactive=False, elem_id="insights-versions"
+    )
     like_plot = gr.LinePlot(x="day", y="like_share", color="version", label="Like share")
     correction_plot = gr.LinePlot(
         x="day", y="correction_rate", color="version", label="Correction rate"
@@ -99,7 +103,7 @@ def insights_tab(assistant: Assistant, tab: gr.Tab) -> None:
     with gr.Row():
         approve = gr.Button("Approve", elem_id="review-approve")
         reject = gr.Button("Reject")
-    review_status = gr.Markdown()
+    review_status = gr.Markdown(elem_id="review-status")
     start_loop = gr.Button("Export feedback and start the loop", variant="primary")
     loop_status = gr.Markdown()
     outputs = [versions, like_plot, correction_plot, disliked, intents, pending, loop_status]
@@ -108,10 +112,13 @@ def insights_tab(assistant: Assistant, tab: gr.Tab) -> None:
         require_agent(request, settings)
         days = pd.DataFrame(insights.by_day(store), columns=[
             "day", "version", "replies", "like_share", "correction_rate"])  # fmt: skip
+        # A day with no like or dislike has no like share: left out of that plot, not drawn
+        # as an "undefined" axis.
+        rated_days = days.dropna(subset=["like_share"])
         return (
-            _frame(insights.by_version(store), VERSION_COLUMNS), days, days,
-            pd.DataFrame(insights.most_disliked(store)),
-            pd.DataFrame(insights.unhappy_intents(store)),
+            _frame(insights.by_version(store), VERSION_COLUMNS), rated_days, days,
+            _frame(insights.most_disliked(store), DISLIKED_COLUMNS),
+            _frame(insights.unhappy_intents(store), INTENT_COLUMNS),
             _frame(queue(store, None), QUEUE_COLUMNS), loop.status(),
         )  # fmt: skip
 
