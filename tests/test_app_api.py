@@ -224,6 +224,19 @@ def test_api_endpoints_are_documented(client: Client) -> None:
     assert chat_parameters[0] == "message"
 
 
+def test_info_names_the_engine_and_why_without_server_paths(app, client: Client) -> None:
+    info = client.predict(api_name="/info")
+    assert info == {
+        "engine": "transformers",
+        "backend": "transformers",
+        "why": "Backend transformers: set by SUPPORTLM_BACKEND.",
+        "model": Path(app["plan"].model).name,  # the folder's name, not its path
+        "adapter": None,
+        "adapter_version": None,
+        "adapter_shipped": False,
+    }
+
+
 def test_real_model_smoke(tmp_path: Path) -> None:
     """The three endpoints on the real embedded SmolLM2 (one launch, short replies)."""
     plan = AppSettings.from_env(

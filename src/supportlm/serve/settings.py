@@ -363,7 +363,12 @@ def _has_cuda() -> bool:
 
 
 def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
-    """``auto`` is llama.cpp for a GGUF model on a machine without CUDA, else transformers."""
+    """``auto`` is llama.cpp for a GGUF model on a machine without CUDA, else transformers.
+
+    A fixed order, from measurements, not timed at start-up: on a CPU llama.cpp decodes several
+    times faster than transformers, and no engine with binary wheels (CTranslate2, ONNX Runtime
+    GenAI) reached 0.8x its single stream (docs/benchmarks.md, `bench/engine_candidates.py`).
+    """
     if backend == "openai":
         _note(
             notes, "Backend openai: generation runs on the remote server SUPPORTLM_OPENAI_BASE_URL."
@@ -374,6 +379,8 @@ def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
                 "SUPPORTLM_BACKEND=llama.cpp needs llama-cpp-python; install it with "
                 '`pip install -e ".[llamacpp]"`.'
             )
+        if backend != "openai":
+            _note(notes, f"Backend {backend}: set by SUPPORTLM_BACKEND.")
         return backend
     is_gguf = model == embedded.EMBEDDED_MODEL or model.endswith(".gguf")
     if not is_gguf:
@@ -383,6 +390,6 @@ def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
     elif not is_available():
         chosen, reason = "transformers", "llama-cpp-python is not installed (the fast CPU path)"
     else:
-        chosen, reason = "llama.cpp", "a GGUF model on a CPU"
+        chosen, reason = "llama.cpp", "a GGUF model on a CPU, where it is the fastest engine"
     _note(notes, f"Backend {chosen}: {reason}.")
     return chosen

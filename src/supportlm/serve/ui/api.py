@@ -5,6 +5,7 @@ Plain functions registered with `gr.api`, so their contract stays simple whateve
 * ``/chat`` streams the reply text; ``/reply`` streams ``{"reply_id", "text", "notices",
   "intent", "handover"}``, the reply id being what ``/feedback`` takes;
 * ``/summarize`` and ``/translate`` stream strings;
+* ``/info`` says what serves: engine, backend setting and why, model, adapter name and version;
 * ``/feedback`` stores a like, dislike or correction of a reply the server issued (the one
   feedback write path: the Chat tab's buttons, this endpoint and the soak bench all end in
   `Assistant.record_feedback`, with its checks, caps and per-client rate limit).
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from supportlm.serve.assistant import Assistant
+from supportlm.serve.info import serving_info
 from supportlm.serve.switching import AdapterSwitcher
 from supportlm.serve.ui.chat import chat_events
 from supportlm.serve.ui.common import (
@@ -139,6 +141,11 @@ class Endpoints:
         )
         return {"saved": True, "feedback_id": row}
 
+    def info(self) -> dict:
+        """What serves: {"engine", "backend", "why", "model", "adapter", "adapter_version",
+        "adapter_shipped"}; names only, never server paths."""
+        return serving_info(self.assistant)
+
     def summarize(
         self,
         text: str,
@@ -203,5 +210,6 @@ def register_api(assistant: Assistant, switcher: AdapterSwitcher | None = None) 
     for name in ("chat", "reply", "summarize", "translate"):
         gr.api(gpu(getattr(endpoints, name)), api_name=name)
     gr.api(endpoints.feedback, api_name="feedback")
+    gr.api(endpoints.info, api_name="info")
     if switcher is not None:
         gr.api(reload_endpoint(switcher), api_name="reload_adapter")

@@ -1,0 +1,42 @@
+"""What is serving, as a dict an API caller can check (the ``/info`` endpoint).
+
+Names, never server paths: a local model or adapter folder is reported by its folder name, the
+embedded model by the Hub id its weights come from. ``adapter_version`` is the run folder's
+content hash, the same one every stored reply carries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from supportlm.embedded import EMBEDDED_MODEL, upstream_id
+from supportlm.run_folder import SHIPPED_ADAPTER, RunFolder
+from supportlm.serve.assistant import Assistant
+
+
+def public_name(spec: str) -> str:
+    """A model spec as a caller may see it: a Hub id or the embedded model's id as is, a local
+    file or folder by its name."""
+    if spec == EMBEDDED_MODEL:
+        return upstream_id(spec)
+    path = Path(spec).expanduser()
+    return path.name if path.exists() else spec
+
+
+def serving_info(assistant: Assistant) -> dict[str, Any]:
+    """The engine, the backend setting and why it chose that engine, the model and the adapter."""
+    plan, engine = assistant.plan, assistant.engine
+    adapter = engine.adapter
+    shipped = RunFolder(SHIPPED_ADAPTER)
+    return {
+        "engine": engine.name,
+        "backend": plan.settings.backend,  # what was asked for: "auto" unless set
+        "why": next((note for note in plan.notes if note.startswith("Backend ")), ""),
+        "model": public_name(plan.model),
+        "adapter": adapter.name if adapter else None,
+        "adapter_version": adapter.version if adapter else None,
+        "adapter_shipped": bool(
+            adapter and shipped.is_adapter() and adapter.version == shipped.adapter_version()
+        ),
+    }
