@@ -70,10 +70,16 @@ def serve(command: str, cwd: Path, env: dict[str, str], log: Path, timeout_s: fl
             time.sleep(0.5)
 
 
-def ask(url: str) -> tuple[dict, str]:
-    client = Client(url, verbose=False)
-    info = client.predict(api_name="/info")
-    reply = client.predict("How do I cancel my order?", api_name="/chat", max_new_tokens=48)
+def start_and_ask(clone: Path, env: dict[str, str], log: Path) -> tuple[dict, str]:
+    """`python app.py` as the README writes it: what `/info` says, and a reply from `/chat`."""
+    process, url = serve("python app.py", clone, env, log)
+    try:
+        client = Client(url, verbose=False)
+        info = client.predict(api_name="/info")
+        reply = client.predict("How do I cancel my order?", api_name="/chat", max_new_tokens=48)
+    finally:
+        process.terminate()
+        process.wait(60)
     return info, reply
 
 
@@ -102,12 +108,7 @@ def test_the_quick_start_serves_the_shipped_adapter_then_the_fast_engine(newcome
     shipped = RunFolder(SHIPPED_ADAPTER).adapter_version()
 
     # As written: no llama.cpp in this venv, so the shipped adapter on transformers, and why.
-    process, url = serve("python app.py", clone, env, clone / "app-plain.log")
-    try:
-        info, reply = ask(url)
-    finally:
-        process.terminate()
-        process.wait(60)
+    info, reply = start_and_ask(clone, env, clone / "app-plain.log")
     assert info["engine"] == "transformers" and "llama-cpp-python is not installed" in info["why"]
     assert (info["adapter"], info["adapter_version"]) == (SHIPPED_ADAPTER.name, shipped)
     assert info["adapter_shipped"] and info["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -116,12 +117,7 @@ def test_the_quick_start_serves_the_shipped_adapter_then_the_fast_engine(newcome
 
     # The README's optional fast engine (pip's cached wheel), then the same start.
     run(readme_command(readme, "quickstart:fast-engine"), clone, env, timeout_s=1500)
-    process, url = serve("python app.py", clone, env, clone / "app-fast.log")
-    try:
-        info, reply = ask(url)
-    finally:
-        process.terminate()
-        process.wait(60)
+    info, reply = start_and_ask(clone, env, clone / "app-fast.log")
     assert info["engine"] == "llama.cpp", info
     assert info["adapter_version"] == shipped and info["adapter_shipped"]
     assert sum(c.isalpha() for c in reply) >= 20
