@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from helpers import free_port
 
 from supportlm.run_folder import SHIPPED_ADAPTER, RunFolder
 
@@ -42,12 +42,6 @@ def run(command: str, cwd: Path, env: dict[str, str], timeout_s: float) -> None:
     )  # fmt: skip
     output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.returncode == 0, f"{command!r} failed:\n{output}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(command: str, cwd: Path, env: dict[str, str], log: Path, timeout_s: float = 600):

@@ -32,7 +32,7 @@ def serving_info(assistant: Assistant) -> dict[str, Any]:
     return {
         "engine": engine.name,
         "backend": plan.settings.backend,  # what was asked for: "auto" unless set
-        "why": next((note for note in plan.notes if note.startswith("Backend ")), ""),
+        "why": plan.backend_reason,
         "model": public_name(plan.model),
         "adapter": adapter.name if adapter else None,
         "adapter_version": adapter.version if adapter else None,

@@ -273,8 +273,9 @@ class AppSettings:
         """Decide model, adapter and backend; each decision is noted and logged with its reason."""
         notes: list[str] = []
         model, adapter = resolve_model_and_adapter(self.model, self.adapter, notes)
-        backend = resolve_backend(self.backend, model, notes)
-        return ServingPlan(self, model, adapter, backend, tuple(notes))
+        backend, backend_reason = resolve_backend(self.backend, model)
+        _note(notes, backend_reason)
+        return ServingPlan(self, model, adapter, backend, tuple(notes), backend_reason)
 
 
 def _convert(name: str, raw: str, hint: Any) -> Any:
@@ -302,6 +303,7 @@ class ServingPlan:
     adapter: str | None
     backend: str
     notes: tuple[str, ...] = ()
+    backend_reason: str = ""  # the note that says why this backend (also in `notes`)
 
 
 def _note(notes: list[str], message: str) -> None:
@@ -362,16 +364,17 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
-    """``auto`` is llama.cpp for a GGUF model on a machine without CUDA, else transformers.
+def resolve_backend(backend: str, model: str) -> tuple[str, str]:
+    """The backend to serve with, and why in one sentence. ``auto`` is llama.cpp for a GGUF model
+    on a machine without CUDA, else transformers.
 
     A fixed order, from measurements, not timed at start-up: on a CPU llama.cpp decodes several
     times faster than transformers, and no engine with binary wheels (CTranslate2, ONNX Runtime
     GenAI) reached 0.8x its single stream (docs/benchmarks.md, `bench/engine_candidates.py`).
     """
     if backend == "openai":
-        _note(
-            notes, "Backend openai: generation runs on the remote server SUPPORTLM_OPENAI_BASE_URL."
+        return backend, (
+            "Backend openai: generation runs on the remote server SUPPORTLM_OPENAI_BASE_URL."
         )
     if backend != "auto":
         if backend == "llama.cpp" and not is_available():
@@ -379,9 +382,7 @@ def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
                 "SUPPORTLM_BACKEND=llama.cpp needs llama-cpp-python; install it with "
                 '`pip install -e ".[llamacpp]"`.'
             )
-        if backend != "openai":
-            _note(notes, f"Backend {backend}: set by SUPPORTLM_BACKEND.")
-        return backend
+        return backend, f"Backend {backend}: set by SUPPORTLM_BACKEND."
     is_gguf = model == embedded.EMBEDDED_MODEL or model.endswith(".gguf")
     if not is_gguf:
         chosen, reason = "transformers", "the model is not a GGUF file"
@@ -391,5 +392,4 @@ def resolve_backend(backend: str, model: str, notes: list[str]) -> str:
         chosen, reason = "transformers", "llama-cpp-python is not installed (the fast CPU path)"
     else:
         chosen, reason = "llama.cpp", "a GGUF model on a CPU, where it is the fastest engine"
-    _note(notes, f"Backend {chosen}: {reason}.")
-    return chosen
+    return chosen, f"Backend {chosen}: {reason}."
