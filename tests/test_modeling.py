@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def test_resolve_kinds(tiny_model_dir, tmp_path):
     assert resolve_model("Qwen/Qwen2.5-0.5B-Instruct").kind == "hub"
     gguf = resolve_model(str(embedded.gguf_path))
     assert gguf.kind == "gguf" and gguf.gguf_file == embedded.gguf_file
+
+
+def test_names_a_page_shows_are_not_server_paths(tiny_model_dir, tmp_path):
+    assert resolve_model(tiny_model_dir).display_name == Path(tiny_model_dir).name
+    gguf = resolve_model(str(resolve_model("embedded").gguf_path))
+    assert gguf.display_name == gguf.gguf_file
+    assert resolve_model("Qwen/Qwen2.5-0.5B-Instruct").display_name == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def test_unknown_models_are_clear_errors(tmp_path):
@@ -96,6 +104,8 @@ def test_adapter_for_this_base_loads(tiny_model_dir, tmp_path):
     _save_adapter(tiny_model_dir, adapter, tiny_model_dir)
     loaded = load_model(tiny_model_dir, adapter=str(adapter))
     assert loaded.adapter == str(adapter) and hasattr(loaded.model, "disable_adapter")
+    assert ", adapter adapter on cpu" in loaded.description
+    assert str(tmp_path) not in loaded.description  # the page shows names, not server paths
 
 
 def test_embedded_and_its_upstream_hub_model_are_the_same_base(tiny_model_dir, tmp_path):

@@ -70,9 +70,10 @@ class ModelSource:
 
     @property
     def display_name(self) -> str:
+        """The name a page may show: a local file or folder by its name, never its server path."""
         if self.kind == "embedded":
             return f"{EMBEDDED_UPSTREAM_ID} (embedded {self.gguf_file})"
-        return self.name
+        return Path(self.name).name if self.kind in ("gguf", "local") else self.name
 
 
 def resolve_model(spec: str | None) -> ModelSource:
@@ -227,7 +228,7 @@ class LoadedModel:
 
     @property
     def description(self) -> str:
-        adapter = f", adapter {self.adapter}" if self.adapter else ""
+        adapter = f", adapter {Path(self.adapter).name}" if self.adapter else ""  # no path
         return (
             f"{self.source.display_name}{adapter} on {self.device} "
             f"({str(self.dtype).removeprefix('torch.')}, quantization {self.quantization})"
@@ -259,7 +260,7 @@ def load_model(
         check_adapter_base(adapter, source)
     path = prepare_model_dir(source)
     tokenizer = load_tokenizer(source)
-    logger.info("Model: %s (%s)", source.display_name, source.kind)
+    logger.info("Model: %s (%s)", source.name, source.kind)  # the server's log: the path
     logger.info("Device: %s; dtype: %s (%s)", device, torch_dtype, dtype_reason)
     logger.info("Quantization: %s (%s)", quantization, quantization_reason)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
