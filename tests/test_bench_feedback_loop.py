@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from supportlm.engines.base import GenerationSettings
+
 
 def test_feedback_loop_bench_on_the_tiny_model(
     tiny_chat_model_dir, repo_root, bitext_csv, tmp_path
@@ -33,6 +35,10 @@ def test_feedback_loop_bench_on_the_tiny_model(
     # The app switched to the candidate without a restart, and named it.
     assert report["served_after"]["adapter_version"] != report["served_before"]["adapter_version"]
     export = json.loads((tmp_path / "work" / report["loop"]["export"] / "export.json").read_text())
+    # The promotion gate scored the answers decoded as the app decodes them by default.
+    candidate = tmp_path / "work" / report["loop"]["candidate"]
+    versus = json.loads((candidate / "versus.json").read_text())
+    assert versus["generation"]["repetition_penalty"] == GenerationSettings().repetition_penalty
     # The agents signed in, so their feedback passed the trust gate as it arrived.
     assert export["by_gate"]["agent"] == 12 and export["by_gate"]["pending"] == 0
     # The starting adapter never saw the corrected intents.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import (
     FEEDBACK_EXPORT_REPORT,
@@ -35,6 +36,9 @@ from supportlm.run_folder import (
 
 #: promote.py's exit status when its gate refuses the candidate (an answer, not a failure).
 REFUSED = 1
+#: The promotion gate decides what the app serves, so it scores answers decoded as the app
+#: decodes them by default, not with `evaluate.py`'s own default (no repetition penalty).
+SERVED_DECODING = ["--repetition_penalty", str(GenerationSettings.repetition_penalty)]
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def run_loop(settings: LoopSettings) -> LoopReport:
                    *(["--max_steps", str(settings.max_steps)] if settings.max_steps else []),
                    *(["--replay_dataset", replay] if replay else []), *settings.train_args]),
         ("evaluate", ["evaluate.py", "--adapter", report.candidate, "--against", report.parent,
-                      "--limit", str(settings.eval_limit)]),
+                      "--limit", str(settings.eval_limit), *SERVED_DECODING]),
     ]  # fmt: skip
     for name, command in steps:
         report.stages_s[name] = stage(name, command, log)[0]
