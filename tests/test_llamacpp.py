@@ -487,7 +487,8 @@ def test_evaluation_decodes_on_the_app_engine_many_at_once(embedded_adapter_dir,
     from supportlm.prompts import with_system_prompt
 
     tokenizer = load_tokenizer(resolve_model("embedded"))
-    settings = GenerationSettings(max_new_tokens=8)
+    penalty = report["generation"]["repetition_penalty"]  # evaluate.py's, compared like for like
+    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=penalty)
     single_turn = [e for e in report["examples"] if e["question"] in _first_questions(data)]
     assert single_turn
     options = {"adapter_dir": embedded_adapter_dir, "n_ctx": 2048}

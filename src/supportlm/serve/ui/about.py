@@ -12,6 +12,7 @@ import gradio as gr
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.assistant import Assistant
+from supportlm.serve.info import public_name
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def about_markdown(assistant: Assistant) -> str:
         "## What is serving",
         f"- **Engine:** {engine.description}",
         f"- **Backend:** {engine.name}",
-        f"- **Model:** `{plan.model}`",
+        f"- **Model:** `{public_name(plan.model)}`",
         f"- **Adapter:** `{adapter.name}` (version `{adapter.version}`)"
         if plan.adapter and adapter
         else "- **Adapter:** none",
