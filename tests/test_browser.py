@@ -138,6 +138,10 @@ def test_insights_shows_satisfaction_and_approves_the_queue(
     page.get_by_role("tab", name="Insights").click()
     versions = page.locator("#insights-versions")
     expect(versions).to_contain_text(RunFolder(adapter_dir).adapter_version(), timeout=30_000)
+    # Today's like share is drawn although it is the only day: a LinePlot draws a one-day series
+    # as nothing but a hidden hover point (opacity 0).
+    drawn = '#insights-like-share g.role-mark path[aria-roledescription="point"]:not([opacity="0"])'
+    expect(page.locator(drawn)).to_have_count(1)
     expect(page.locator("#review-queue")).to_contain_text("like")
     expect(page.locator("#review-queue")).to_contain_text("vote")
     page.locator("#review-approve").click()

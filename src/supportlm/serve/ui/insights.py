@@ -89,10 +89,14 @@ def insights_tab(assistant: Assistant, tab: gr.Tab) -> None:
     versions = gr.Dataframe(
         label="Satisfaction per adapter version", interactive=False, elem_id="insights-versions"
     )
-    like_plot = gr.LinePlot(x="day", y="like_share", color="version", label="Like share")
-    correction_plot = gr.LinePlot(
-        x="day", y="correction_rate", color="version", label="Correction rate"
+    # Points, not lines: Gradio's LinePlot draws a series of one day as nothing (a line needs two
+    # points, and its points show only on hover), and a new adapter version starts with one day.
+    # The margin around 0..1 keeps a point at 0 or 1 whole.
+    share = {"x": "day", "color": "version", "y_lim": [-0.05, 1.05]}
+    like_plot = gr.ScatterPlot(
+        y="like_share", label="Like share per day", elem_id="insights-like-share", **share
     )
+    correction_plot = gr.ScatterPlot(y="correction_rate", label="Correction rate per day", **share)
     with gr.Row():
         disliked = gr.Dataframe(label="Most disliked or corrected questions", interactive=False)
         intents = gr.Dataframe(label="Intents by unhappy share", interactive=False)
