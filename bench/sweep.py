@@ -74,18 +74,22 @@ def plot(runs: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Horizontal bars: run labels are long, and on an x axis they overlap past a few runs.
     labels = [label for label, _ in runs]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.55 * len(runs)), sharey=True)
     for axis, metric, title in zip(axes, ("rougeL", "chrf"), ("ROUGE-L", "chrF"), strict=True):
         base = [r["base"][metric] for _, r in runs]
         tuned = [r["tuned"][metric] for _, r in runs]
         positions = range(len(runs))
-        axis.bar([p - 0.2 for p in positions], base, 0.4, label="base", color="#9aa5b1")
-        bars = axis.bar([p + 0.2 for p in positions], tuned, 0.4, label="tuned", color="#3b7dd8")
-        axis.bar_label(bars, fmt="%.1f")
-        axis.set_xticks(list(positions), labels, rotation=15, ha="right", fontsize=8)
+        axis.barh([p + 0.2 for p in positions], base, 0.4, label="base", color="#9aa5b1")
+        bars = axis.barh([p - 0.2 for p in positions], tuned, 0.4, label="tuned", color="#3b7dd8")
+        axis.bar_label(bars, fmt="%.1f", padding=2)
+        axis.set_yticks(list(positions), labels, fontsize=8)
         axis.set_title(f"{title} (0-100)")
-        axis.legend()
+        axis.set_xlim(0, 1.12 * max(tuned + base))
+    axes[0].invert_yaxis()  # the first run on top, as in the table
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="upper right", ncols=2, frameon=False)
     figure.suptitle("Recipe sweep: held-out answers, greedy")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
