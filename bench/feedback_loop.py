@@ -21,6 +21,7 @@ once) is measured against the steady state before and after.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import secrets
@@ -122,8 +123,11 @@ class RssSampler(threading.Thread):
         return max((rss for t, rss in self.samples if start <= t <= end), default=0) / 2**20
 
 
-def health(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}health", timeout=10) as response:
+def health(url: str, password: str) -> dict:
+    """/health as a signed-in agent sees it (anonymous callers get the status only)."""
+    token = base64.b64encode(f"{AGENT}:{password}".encode()).decode()
+    request = urllib.request.Request(f"{url}health", headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
 
@@ -149,9 +153,9 @@ def give_feedback(client: Client, questions: list[Question], max_new_tokens: int
     return rows
 
 
-def wait_for_switch(url: str, old: str | None, timeout_s: float) -> float:
+def wait_for_switch(url: str, password: str, old: str | None, timeout_s: float) -> float:
     started = time.perf_counter()
-    while health(url)["adapter_version"] == old:
+    while health(url, password)["adapter_version"] == old:
         if time.perf_counter() - started > timeout_s:
             raise SystemExit(f"the app did not switch adapters within {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -218,7 +222,7 @@ def measure(args: argparse.Namespace, work: Path, start: Path, replay: Path) -> 
     sampler.start()
     try:
         client = Client(url, auth=(AGENT, password), verbose=False)
-        before = health(url)
+        before = health(url, password)
         unseen = sets.corrected_unseen + sets.other_unseen
         answers_before = ask_all(client, unseen, args.max_new_tokens)
         started = time.perf_counter()
@@ -227,9 +231,13 @@ def measure(args: argparse.Namespace, work: Path, start: Path, replay: Path) -> 
         steady_before = sampler.peak_mb(sampler.now() - 5, sampler.now())
         switch_from = sampler.now()
         loop = run_loop(args, work, replay)
-        switch_s = wait_for_switch(url, before["adapter_version"], 300) if loop["promoted"] else 0
+        switch_s = (
+            wait_for_switch(url, password, before["adapter_version"], 300)
+            if loop["promoted"]
+            else 0
+        )
         time.sleep(3)  # the old engine closes after its last request
-        after = health(url)
+        after = health(url, password)
         rss = {
             "steady_before": steady_before,
             "switch_peak": sampler.peak_mb(switch_from, sampler.now()),

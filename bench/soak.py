@@ -15,8 +15,14 @@ the tab). At the end the bench reads the app's SQLite file and reports:
 * ``lost_feedback_rows``: feedback answered OK whose row is missing from the store afterwards,
   or stored with a raw e-mail address (each correction carries one, to check redaction).
 
-The app's own per-client feedback rate limit is switched off (all clients share 127.0.0.1);
-everything else runs with the app's defaults. Target: 0 errors, 0 cross-talk, 0 lost rows.
+The app's own per-client feedback rate limit and fair share are switched off (all clients share
+127.0.0.1); everything else runs with the app's defaults. Target: 0 errors, 0 cross-talk, 0 lost
+rows.
+
+``--greedy`` measures the fair share instead (issue 33): 8 normal clients, each signed in as its
+own user, stream chats through ``/v1`` one at a time, first alone, then beside one greedy user
+who keeps 40 requests in flight; it reports the normal clients' p95 time to first token in both
+phases and their ratio (target: at most 2), and what the greedy client got (completed, refused).
 """
 
 from __future__ import annotations
@@ -147,7 +153,8 @@ def check_store(database: Path, logs: list[ClientLog]) -> tuple[int, int]:
 
 def soak(args: argparse.Namespace) -> dict:
     database = Path(tempfile.mkdtemp(prefix="supportlm-soak-")) / "feedback.sqlite3"
-    env = {"SUPPORTLM_FEEDBACK_DB": str(database), "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0"}
+    env = {"SUPPORTLM_FEEDBACK_DB": str(database), "SUPPORTLM_FEEDBACK_RATE_LIMIT": "0",
+           "SUPPORTLM_MAX_PER_CLIENT": "1000"}  # fmt: skip
     port = free_port()
     process, startup_s, app_log = start_app(args.model, args.backend, port, env, 600)
     url = f"http://127.0.0.1:{port}/"
@@ -190,6 +197,87 @@ def soak(args: argparse.Namespace) -> dict:
     }
 
 
+NORMAL_USERS = 8
+GREEDY_REQUESTS = 40
+
+
+def stream_ttft(client, model: str, question: str, max_new_tokens: int) -> float:
+    """Seconds to the first streamed token of one /v1 chat."""
+    start = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=model, stream=True, max_tokens=max_new_tokens,
+        messages=[{"role": "user", "content": question}],
+    )  # fmt: skip
+    first = None
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+    return first if first is not None else time.perf_counter() - start
+
+
+def drive(url: str, user: str, deadline: float, max_new: int, out: dict) -> None:
+    """One client's requests until `deadline`: TTFTs, refusals (429/503) and errors in `out`."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}v1", api_key=f"{user}:pw", max_retries=0)
+    rng = random.Random(user)
+    model = client.models.list().data[0].id  # the tuned model when there is one
+    while time.perf_counter() < deadline:
+        try:
+            out["ttft"].append(stream_ttft(client, model, rng.choice(QUESTIONS), max_new))
+        except (openai.RateLimitError, openai.InternalServerError, openai.APIStatusError) as error:
+            out["refused" if getattr(error, "status_code", 0) in (429, 503) else "errors"] += 1
+            time.sleep(0.05)
+
+
+def phase(url: str, users: list[str], duration_s: float, max_new: int) -> dict[str, dict]:
+    results = {user: {"ttft": [], "refused": 0, "errors": 0} for user in set(users)}
+    deadline = time.perf_counter() + duration_s
+    threads = [threading.Thread(target=drive, args=(url, user, deadline, max_new, results[user]))
+               for user in users]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def p95(values: list[float]) -> float | None:
+    return round(statistics.quantiles(values, n=20)[-1], 3) if len(values) > 1 else None
+
+
+def fairness(args: argparse.Namespace) -> dict:
+    normal = [f"user{i}" for i in range(NORMAL_USERS)]
+    auth = ",".join(f"{user}:pw" for user in [*normal, "greedy"])
+    database = Path(tempfile.mkdtemp(prefix="supportlm-fair-")) / "feedback.sqlite3"
+    env = {"SUPPORTLM_FEEDBACK_DB": str(database), "SUPPORTLM_AUTH": auth}
+    port = free_port()
+    process, startup_s, app_log = start_app(args.model, args.backend, port, env, 600)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        solo = phase(url, normal, args.duration_s, args.max_new_tokens)
+        both = phase(url, normal + ["greedy"] * GREEDY_REQUESTS, args.duration_s,
+                     args.max_new_tokens)  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    solo_ttft = [x for user in normal for x in solo[user]["ttft"]]
+    both_ttft = [x for user in normal for x in both[user]["ttft"]]
+    solo_p95, both_p95 = p95(solo_ttft), p95(both_ttft)
+    return {
+        "normal_clients": NORMAL_USERS, "greedy_in_flight": GREEDY_REQUESTS,
+        "normal_p95_ttft_s_solo": solo_p95, "normal_p95_ttft_s_with_greedy": both_p95,
+        "with_greedy_vs_solo": round(both_p95 / solo_p95, 2) if solo_p95 and both_p95 else None,
+        "normal_completed_solo": len(solo_ttft), "normal_completed_with_greedy": len(both_ttft),
+        "normal_refused": sum(both[user]["refused"] for user in normal),
+        "normal_errors": sum(r[u]["errors"] for r in (solo, both) for u in normal),
+        "greedy_completed": len(both["greedy"]["ttft"]),
+        "greedy_refused": both["greedy"]["refused"],
+        "duration_s_per_phase": args.duration_s, "startup_s": round(startup_s, 1),
+        "app_log": str(app_log),
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -198,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--greedy", action="store_true", help="measure the fair share instead")
     args = parser.parse_args(argv)
-    result = soak(args)
+    result = fairness(args) if args.greedy else soak(args)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

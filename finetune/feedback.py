@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import supportlm
 from supportlm.errors import SupportLMError
+from supportlm.serve import derived
 from supportlm.serve.feedback import FeedbackStore
 from supportlm.serve.feedback_export import ExportFilter, export_feedback
 from supportlm.serve.retention import erase_conversation, erase_reply_conversation, purge_older_than
@@ -159,7 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupportLMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    scrubbed = counts.pop("exports_scrubbed", {})
+    expired = counts.pop("exports_expired", [])
     print("deleted: " + ", ".join(f"{count} {table}" for table, count in counts.items()))
+    for folder, files in scrubbed.items():
+        print(f"removed from the export {folder}: lines of {', '.join(files)}")
+    for folder in expired:
+        print(f"deleted the expired export {folder}")
+    for run in derived.trained_on([*scrubbed, *expired]):
+        print(f"trained on an export that lost rows (retrain or delete it): {run}")
     return 0
 
 

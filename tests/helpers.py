@@ -99,3 +99,47 @@ def open_page(playwright, url: str):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(url)
     return page
+
+
+def call_event(
+    url: str, fn_index: int, data: list, session: str, cookies: dict | None = None
+) -> list[dict]:
+    """Call a Gradio event by its index over raw HTTP, as a script or a browser does (private
+    events too: hiding one from the API page is no protection); its SSE messages."""
+    import json
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60, cookies=cookies) as http:
+        joined = http.post(
+            "gradio_api/queue/join",
+            json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None},
+        )
+        if joined.status_code != 200:
+            return [{"msg": "refused", "status": joined.status_code, "text": joined.text}]
+        messages = []
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as sse:
+            for line in sse.iter_lines():
+                if line.startswith("data:"):
+                    messages.append(json.loads(line[5:]))
+                    if messages[-1].get("msg") == "process_completed":
+                        break
+    return messages
+
+
+def event_index(demo, function_name: str, module: str) -> int:
+    """The index of `demo`'s first event whose function is `module`.`function_name`."""
+    for index, block_fn in demo.fns.items():
+        fn = block_fn.fn
+        if getattr(fn, "__module__", "") == module and fn.__name__ == function_name:
+            return index
+    raise LookupError(f"no event runs {module}.{function_name}")
+
+
+def login(url: str, user: str, password: str) -> dict:
+    """The cookies of a Gradio login (what a browser keeps after the login form)."""
+    import httpx
+
+    response = httpx.post(f"{url}/login", data={"username": user, "password": password})
+    assert response.status_code == 200, response.text
+    return dict(response.cookies)

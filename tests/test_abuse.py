@@ -22,6 +22,7 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from helpers import call_event
 from test_tasks import FakeEngine
 
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
@@ -382,9 +383,11 @@ def test_retention_deletes_old_rows_with_their_feedback(smollm2_tokenizer, tmp_p
     _, final = chat(assistant, conversation_id="session-a")
     assistant.record_feedback("like", final.request_id)
     store = assistant.feedback
-    assert purge_older_than(store, 30) == {"feedback": 0, "votes": 0, "replies": 0}
+    nothing = {"exports_scrubbed": {}, "exports_expired": []}
+    assert purge_older_than(store, 30) == {"feedback": 0, "votes": 0, "replies": 0, **nothing}
     later = datetime.now(timezone.utc) + timedelta(days=31)
-    assert purge_older_than(store, 30, now=later) == {"feedback": 1, "votes": 0, "replies": 1}
+    purged = purge_older_than(store, 30, now=later)
+    assert purged == {"feedback": 1, "votes": 0, "replies": 1, **nothing}
     assert store.list_replies() == [] and store.list_feedback() == []
 
 
@@ -446,26 +449,6 @@ def test_utf16_and_invalid_utf8_dataset_files(tmp_path):
         load_examples(broken)
 
 
-def _call_event(url: str, fn_index: int, data: list, session: str) -> list[dict]:
-    """Call a Gradio event by its index over raw HTTP, as a script would; its SSE messages."""
-    import httpx
-
-    with httpx.Client(base_url=url, timeout=60) as http:
-        joined = http.post(
-            "gradio_api/queue/join",
-            json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None},
-        )
-        assert joined.status_code == 200, joined.text
-        messages = []
-        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as sse:
-            for line in sse.iter_lines():
-                if line.startswith("data:"):
-                    messages.append(json.loads(line[5:]))
-                    if messages[-1].get("msg") == "process_completed":
-                        break
-    return messages
-
-
 def test_private_events_called_by_index_are_checked_like_any_input(smollm2_tokenizer, tmp_path):
     # Hiding an event from the API page is no protection: Gradio runs it by index for anyone.
     assistant = make_assistant(smollm2_tokenizer, tmp_path)
@@ -474,7 +457,7 @@ def test_private_events_called_by_index_are_checked_like_any_input(smollm2_token
     try:
         index = next(i for i, fn in demo.fns.items() if fn.api_name == "correct")
         forged = [{"1": "made-up-reply-id"}, "x" * 1_000_000]  # state is server-side: ignored
-        messages = _call_event(url, index, forged, "attacker-session")
+        messages = call_event(url, index, forged, "attacker-session")
     finally:
         demo.close()
     final = messages[-1]

@@ -22,6 +22,20 @@ def test_soak_bench_on_the_tiny_model(tiny_chat_model_dir, repo_root, tmp_path):
     assert report["p95_s"] is not None and report["p95_s"] > 0
 
 
+def test_the_greedy_client_bench_on_the_tiny_model(tiny_chat_model_dir, repo_root, tmp_path):
+    result_file = tmp_path / "fair.json"
+    command = [
+        sys.executable, str(repo_root / "bench" / "soak.py"), "--greedy",
+        "--model", tiny_chat_model_dir, "--backend", "transformers",
+        "--duration_s", "6", "--max_new_tokens", "4", "--json", str(result_file),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(result_file.read_text())
+    assert report["normal_errors"] == 0 and report["normal_completed_with_greedy"] > 0
+    assert report["greedy_refused"] > 0  # 40 in flight is more than one client's share
+    assert report["with_greedy_vs_solo"] is not None
+
+
 def test_the_store_check_finds_cross_talk_and_lost_rows(tmp_path, repo_root, monkeypatch):
     # The bench's zeros mean something only if its check can see a mismatch.
     monkeypatch.syspath_prepend(str(repo_root / "bench"))

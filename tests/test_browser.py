@@ -37,6 +37,9 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model_dir: s
     return folder
 
 
+ADMIN_TOKEN = "operator-secret"  # no login here: Insights open with the admin token only
+
+
 @pytest.fixture(scope="module")
 def app_url(tiny_chat_model_dir: str, adapter_dir: Path, tmp_path_factory):
     feedback_db = tmp_path_factory.mktemp("browser-app") / "feedback.sqlite3"
@@ -45,6 +48,7 @@ def app_url(tiny_chat_model_dir: str, adapter_dir: Path, tmp_path_factory):
         adapter=str(adapter_dir),
         backend="transformers",
         feedback_db=feedback_db,
+        admin_token=ADMIN_TOKEN,
     ).resolve()
     demo = build_demo(plan)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)  # Gradio picks a free port
@@ -131,11 +135,16 @@ def test_about_tab_shows_the_adapter(page, adapter_dir: Path) -> None:
 def test_insights_shows_satisfaction_and_approves_the_queue(
     page, app_url, adapter_dir: Path, repo_root: Path
 ) -> None:
-    """Without a login the person at the app is its operator: Insights shows this adapter's like
+    """Without a login Insights open with the admin token only: then they show this adapter's like
     share, and the anonymous like and vote wait in the queue until approved there."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Insights").click()
+    expect(page.locator("#insights-access")).to_contain_text("admin token", timeout=30_000)
+    expect(page.locator("#review-queue")).not_to_contain_text("vote")
+    token = page.locator("#insights-token input")
+    token.fill(ADMIN_TOKEN)
+    token.press("Enter")
     versions = page.locator("#insights-versions")
     expect(versions).to_contain_text(RunFolder(adapter_dir).adapter_version(), timeout=30_000)
     # Today's like share is drawn although it is the only day: a LinePlot draws a one-day series
@@ -151,5 +160,5 @@ def test_insights_shows_satisfaction_and_approves_the_queue(
             "SELECT review, reviewed_by FROM feedback "
             "UNION ALL SELECT review, reviewed_by FROM votes"
         ).fetchall()
-    assert reviews == [("approved", None), ("approved", None)]
+    assert reviews == [("approved", "operator"), ("approved", "operator")]
     page.screenshot(path=repo_root / "test-artifacts" / "browser-insights.png", full_page=True)

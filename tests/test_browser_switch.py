@@ -56,7 +56,9 @@ def test_a_promotion_is_served_live_and_shown(
     new = run_adapter(tiny_chat_model_dir, tmp_path / "outputs" / "v2", 1)
     point_latest(old)
     db = tmp_path / "feedback.sqlite3"
-    settings = AppSettings(backend="transformers", feedback_db=db, adapter_watch_s=0.5)
+    settings = AppSettings(
+        backend="transformers", feedback_db=db, adapter_watch_s=0.5, admin_token="operator-secret"
+    )
     assistant, switcher = start_assistant(settings.resolve())
     demo = build_demo(assistant=assistant, switcher=switcher)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
@@ -69,6 +71,8 @@ def test_a_promotion_is_served_live_and_shown(
             assert about_names(page, new.adapter_version()), "About never named the new adapter"
             ask(page, "Can I change my address?")
             page.get_by_role("tab", name="Insights").click()
+            page.locator("#insights-token input").fill("operator-secret")
+            page.locator("#insights-token input").press("Enter")
             versions = page.locator("#insights-versions")
             for version in (old.adapter_version(), new.adapter_version()):
                 expect(versions).to_contain_text(version, timeout=30_000)

@@ -38,7 +38,7 @@ def test_store_creates_wal_database_with_schema_version(store):
     assert store.path.is_file()
     with sqlite3.connect(store.path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 def test_replies_and_feedback_are_redacted_on_disk(store):

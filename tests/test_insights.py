@@ -72,7 +72,14 @@ def test_insights_are_for_agents_when_a_login_is_configured():
     from supportlm.serve.ui.insights import is_agent, require_agent
 
     open_app = AppSettings(model="echo", backend="transformers")
-    assert is_agent(None, open_app)  # no login: the person at the app is its operator
+    assert not is_agent(None, open_app)  # no login: nobody is an agent, Insights are off
+    with pytest.raises(gr.Error, match="Insights are off"):
+        require_agent(None, open_app)
+    operated = AppSettings(model="echo", backend="transformers", admin_token="s3cret")
+    assert require_agent(None, operated, "s3cret") == "operator"
+    for wrong in ("", "s3cre", "s3cret "):
+        with pytest.raises(gr.Error, match="admin token"):
+            require_agent(None, operated, wrong)
     team = AppSettings(model="echo", backend="transformers", auth="ann:1,bob:2", agents="ann")
     assert is_agent(SignedIn("ann"), team) and require_agent(SignedIn("ann"), team) == "ann"
     assert not is_agent(SignedIn("bob"), team) and not is_agent(None, team)

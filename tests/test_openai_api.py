@@ -332,7 +332,10 @@ def test_the_api_key_or_the_login_is_required(locked):
         == 200
     )
     assert httpx.get(f"{locked}/v1/models").status_code == 401
-    assert httpx.get(f"{locked}/health").status_code == 200  # load balancers need no key
+    # Load balancers need no key, and learn nothing else without one.
+    assert httpx.get(f"{locked}/health").json() == {"status": "ok"}
+    details = httpx.get(f"{locked}/health", headers={"Authorization": "Bearer sk-test"}).json()
+    assert details["status"] == "ok" and "engine" in details and "running" in details
 
 
 def test_the_rate_limit_is_a_429(locked):

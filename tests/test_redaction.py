@@ -105,17 +105,35 @@ def test_card_search_is_bounded_per_digit_group(monkeypatch, groups):
     calls = []
     real = luhn.is_valid
     monkeypatch.setattr(redaction.luhn, "is_valid", lambda d: calls.append(d) or real(d))
-    assert redact("1 " * groups) == "1 " * groups
+    assert redact("1 " * groups) == "[PHONE] "  # too long a run for one phone: redacted whole
     assert len(calls) <= 7 * groups  # lengths 13..19 from each first group
     assert max(map(len, calls)) <= 19
 
 
-@pytest.mark.parametrize(
-    "hostile",
-    ["a" * 50_000, "a@" * 20_000, "{" * 4_000, "999." * 10_000, ":" * 20_000, "1 " * 2_000],
-)
+@pytest.mark.parametrize("hostile", ["a" * 50_000, "a@" * 20_000, "{" * 4_000, ":" * 20_000])
 def test_hostile_texts_are_returned_unchanged(hostile):
     assert redact(hostile) == hostile
+
+
+@pytest.mark.parametrize("soup", ["999." * 10_000, "1 " * 2_000, "1/" * 2_000, "(1) " * 1_000])
+def test_digit_soup_costs_a_bounded_read_and_fails_closed(monkeypatch, soup):
+    # redact("1/" * 2000) took 0.6-1.0 s: phonenumbers tried every candidate of the whole text in
+    # each of 8 regions. Now it reads at most MAX_PHONE_CHARS characters of runs per region.
+    read = []
+    real = redaction.phonenumbers.PhoneNumberMatcher
+    monkeypatch.setattr(
+        redaction.phonenumbers, "PhoneNumberMatcher",
+        lambda text, *args, **kwargs: read.append(len(text)) or real(text, *args, **kwargs),
+    )  # fmt: skip
+    redacted = redact(soup)
+    assert sum(read) <= redaction.MAX_PHONE_CHARS * len(redaction.PHONE_REGIONS)
+    assert not any(ch.isdigit() for ch in redacted.replace("[PHONE]", ""))
+
+
+def test_phone_numbers_past_the_read_budget_are_redacted_unread():
+    numbers = " ".join(f"ticket {i:07d}," for i in range(200))  # 1,400 characters of runs
+    text = numbers + " call +44 20 7946 0958 now"
+    assert "7946" not in redact(text)
 
 
 def test_redact_json_redacts_nested_strings_and_keeps_keys():

@@ -13,13 +13,17 @@ counts), times out, and its errors become one-sentence `SupportLMError`s.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
 from supportlm.errors import SupportLMError
 from supportlm.prompts import neutralize_special_tokens
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteError(SupportLMError):
@@ -56,9 +60,10 @@ class OpenAIEngine(Engine):
         self.max_concurrency = max_concurrency
         self.adapter = AdapterRef(tuned_model, f"remote:{tuned_model}") if tuned_model else None
         tuned = f"tuned model {tuned_model!r}, " if tuned_model else ""
-        self.description = (
-            f"remote OpenAI-compatible server {base_url} ({tuned}base {base_model!r})"
-        )
+        # The page header and About show the description: no URL (it may carry a password, and
+        # names an internal host). The log names the host.
+        self.description = f"remote OpenAI-compatible server ({tuned}base {base_model!r})"
+        logger.info("Remote engine at %s", urlsplit(base_url).hostname)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         if request.messages is None:

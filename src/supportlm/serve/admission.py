@@ -49,22 +49,51 @@ class RateLimit:
         """Count one call by `client_id`; raises `Busy` when its limit is used up."""
         if not self.limit or client_id is None:
             return
-        now = self._clock()
         with self._lock:
-            recent = self._recent.setdefault(client_id, collections.deque())
-            while recent and now - recent[0] >= self.window_s:
-                recent.popleft()
-            if len(recent) >= self.limit:
+            if len(self._window(client_id)) >= self.limit:
                 raise Busy(f"Too many {what}: at most {self.limit} a minute; please wait a moment.")
-            recent.append(now)
-            if len(self._recent) > 10_000:  # forget clients idle for a whole window
-                idle = [k for k, v in self._recent.items() if now - v[-1] >= self.window_s]
-                for key in idle:
-                    del self._recent[key]
+            self._append(client_id)
+
+    def used_up(self, client_id: str) -> bool:
+        """Whether `client_id` has no call left in the window (counts nothing)."""
+        with self._lock:
+            return bool(self.limit) and len(self._window(client_id)) >= self.limit
+
+    def record(self, client_id: str) -> None:
+        """Count one call by `client_id` without checking the limit."""
+        if self.limit:
+            with self._lock:
+                self._append(client_id)
+
+    def _window(self, client_id: str) -> collections.deque[float]:
+        """`client_id`'s calls within the window (older ones dropped); under the lock."""
+        now = self._clock()
+        recent = self._recent.get(client_id, collections.deque())
+        while recent and now - recent[0] >= self.window_s:
+            recent.popleft()
+        return recent
+
+    def _append(self, client_id: str) -> None:
+        now = self._clock()
+        self._window(client_id)
+        self._recent.setdefault(client_id, collections.deque()).append(now)
+        if len(self._recent) > 10_000:  # forget clients idle for a whole window
+            idle = [k for k, v in self._recent.items() if now - v[-1] >= self.window_s]
+            for key in idle:
+                del self._recent[key]
 
 
 class Admission:
-    """A concurrency limit, a bounded waiting line and optional per-client rate limits."""
+    """A concurrency limit, a bounded waiting line, fair shares and optional rate limits.
+
+    Fair shares, so one greedy client cannot take every slot (40 parallel requests from one
+    address once held 4 running and 32 waiting, and everyone else got 503s):
+
+    * a client may have at most `per_client` requests running or waiting at once (default: half
+      the slots plus an eighth of the line); more are refused at once as its own `Busy`;
+    * a freed slot goes to the waiting request whose client runs the fewest, the oldest first,
+      so a client with many requests gets slots others do not want, not theirs.
+    """
 
     def __init__(
         self,
@@ -72,17 +101,23 @@ class Admission:
         max_queue: int,
         *,
         rate_limit: int = 0,
+        per_client: int = 0,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if concurrency < 1 or max_queue < 0 or rate_limit < 0:
-            raise SupportLMError("concurrency must be at least 1, max_queue and rate_limit >= 0.")
+        if concurrency < 1 or max_queue < 0 or rate_limit < 0 or per_client < 0:
+            raise SupportLMError(
+                "concurrency must be at least 1; max_queue, rate_limit and per_client >= 0."
+            )
         self.concurrency = concurrency
         self.max_queue = max_queue
-        self._slots = threading.Semaphore(concurrency)
-        self._lock = threading.Lock()
-        self._waiting = 0
+        self.per_client = per_client or max(1, concurrency // 2) + max(1, max_queue // 8)
+        self._cond = threading.Condition()
+        self._queue: list[list] = []  # [client, chosen] tickets, oldest first
         self._running = 0
+        self._granted = 0  # tickets chosen whose threads have not started yet
+        self._by_client: collections.Counter[str | None] = collections.Counter()
+        self._held: collections.Counter[str | None] = collections.Counter()  # running + waiting
         self.rate = RateLimit(rate_limit, window_s, clock=clock)
 
     @property
@@ -91,32 +126,69 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._queue)
 
     @contextlib.contextmanager
     def admit(self, client_id: str | None = None) -> Iterator[None]:
         """Hold a generation slot for the body; raises `Busy` when the request cannot wait."""
         self.rate.check(client_id)
-        with self._lock:
-            admitted = self._slots.acquire(blocking=False)
-            if not admitted and self._waiting >= self.max_queue:
-                raise QueueFull(
-                    f"The assistant is busy ({self.concurrency} answering, {self._waiting} "
-                    "waiting); please try again in a moment."
-                )
-            if not admitted:
-                self._waiting += 1
-        if not admitted:
-            try:
-                self._slots.acquire()
-            finally:
-                with self._lock:
-                    self._waiting -= 1
-        with self._lock:
-            self._running += 1
+        with self._cond:
+            self._enter(client_id)
         try:
             yield
         finally:
-            with self._lock:
+            with self._cond:
                 self._running -= 1
-            self._slots.release()
+                self._count(self._by_client, client_id, -1)
+                self._count(self._held, client_id, -1)
+                self._hand_over()
+
+    def _enter(self, client: str | None) -> None:
+        """Take a slot now or wait in line for one (under the condition's lock)."""
+        if client is not None and self._held[client] >= self.per_client:
+            raise Busy(f"Too many requests at once from you (at most {self.per_client}); "
+                       "wait for an answer first.")  # fmt: skip
+        if self._running + self._granted < self.concurrency and not self._queue:
+            self._start(client)
+            return
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(
+                f"The assistant is busy ({self.concurrency} answering, {len(self._queue)} "
+                "waiting); please try again in a moment."
+            )
+        ticket = [client, False]
+        self._queue.append(ticket)
+        self._count(self._held, client, 1)
+        try:
+            self._cond.wait_for(lambda: ticket[1])
+        except BaseException:
+            if ticket[1]:
+                self._granted -= 1
+                self._hand_over()
+            else:
+                self._queue.remove(ticket)
+            self._count(self._held, client, -1)
+            raise
+        self._granted -= 1
+        self._count(self._held, client, -1)
+        self._start(client)
+
+    def _start(self, client: str | None) -> None:
+        self._running += 1
+        self._count(self._by_client, client, 1)
+        self._count(self._held, client, 1)
+
+    @staticmethod
+    def _count(counter: collections.Counter, client: str | None, step: int) -> None:
+        counter[client] += step
+        if counter[client] <= 0:
+            del counter[client]  # bounded by the clients in flight, not every client seen
+
+    def _hand_over(self) -> None:
+        """Give free slots to the waiting tickets whose clients run the fewest, oldest first."""
+        while self._queue and self._running + self._granted < self.concurrency:
+            ticket = min(self._queue, key=lambda t: self._by_client[t[0]])  # the oldest of ties
+            self._queue.remove(ticket)
+            ticket[1] = True
+            self._granted += 1
+            self._cond.notify_all()

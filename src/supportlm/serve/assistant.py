@@ -40,6 +40,7 @@ from supportlm.serve.handover import IntentRouter
 from supportlm.serve.history import cap_text
 from supportlm.serve.review import provenance
 from supportlm.serve.settings import ServingPlan
+from supportlm.serve.throttle import LoginThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,14 @@ class Assistant:
             feedback, self.feedback_notice = open_store(self.settings.feedback_db)
         self.feedback = feedback
         self.feedback_rate = RateLimit(self.settings.feedback_rate_limit)
+        self.logins = LoginThrottle()  # failed logins, for every door that checks a password
         self._purged_at = -math.inf
         self._purge_if_due()  # at start-up, then at most hourly as replies are stored
         self.admission = admission or Admission(
             min(self.settings.concurrency, engine.max_concurrency),
             self.settings.max_queue,
             rate_limit=self.settings.rate_limit,
+            per_client=self.settings.max_per_client,
         )
 
     def _serve_adapter_of(self, plan: ServingPlan) -> None:

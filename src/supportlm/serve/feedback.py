@@ -14,6 +14,7 @@ each call opens its own connection (see `FeedbackStore`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from supportlm.errors import SupportLMError
+from supportlm.serve.migrations import MIGRATIONS, SCHEMA_VERSION
 from supportlm.serve.redaction import redact, redact_json
 
 logger = logging.getLogger(__name__)
@@ -36,84 +38,6 @@ VOTE_CHOICES = ("base", "tuned", "tie", "both_bad")
 FeedbackKind = Literal["like", "dislike", "correction"]
 VoteChoice = Literal["base", "tuned", "tie", "both_bad"]
 
-#: Schema migrations; migration N (1-based) brings a database from version N-1 to N.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: feedback and votes, as the first release wrote them.
-    """
-    CREATE TABLE IF NOT EXISTS feedback (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        created_at TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('like', 'dislike', 'correction')),
-        conversation TEXT NOT NULL,
-        message_index INTEGER,
-        reply TEXT,
-        corrected_answer TEXT,
-        model_id TEXT,
-        adapter_id TEXT,
-        backend TEXT,
-        settings TEXT
-    );
-    CREATE TABLE IF NOT EXISTS votes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        created_at TEXT NOT NULL,
-        question TEXT NOT NULL,
-        base_answer TEXT NOT NULL,
-        tuned_answer TEXT NOT NULL,
-        choice TEXT NOT NULL CHECK (choice IN ('base', 'tuned', 'tie', 'both_bad')),
-        model_id TEXT,
-        adapter_id TEXT,
-        settings TEXT
-    );
-    """,
-    # 2: server-issued replies with the adapter version that wrote them; feedback names them.
-    """
-    CREATE TABLE replies (
-        reply_id TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL,
-        conversation TEXT NOT NULL,
-        reply TEXT NOT NULL,
-        finish_reason TEXT,
-        model_id TEXT,
-        adapter_id TEXT,
-        adapter_version TEXT,
-        backend TEXT,
-        settings TEXT
-    );
-    ALTER TABLE feedback ADD COLUMN reply_id TEXT REFERENCES replies (reply_id);
-    ALTER TABLE feedback ADD COLUMN adapter_version TEXT;
-    ALTER TABLE votes ADD COLUMN base_reply_id TEXT REFERENCES replies (reply_id);
-    ALTER TABLE votes ADD COLUMN tuned_reply_id TEXT REFERENCES replies (reply_id);
-    ALTER TABLE votes ADD COLUMN adapter_version TEXT;
-    """,
-    # 3: the conversation (browser session) a reply belongs to, so one can be erased on request.
-    """
-    ALTER TABLE replies ADD COLUMN conversation_id TEXT;
-    CREATE INDEX replies_conversation ON replies (conversation_id);
-    CREATE INDEX replies_created ON replies (created_at);
-    """,
-    # 4: the intent the classifier detected, and whether it was handed over to a person.
-    """
-    ALTER TABLE replies ADD COLUMN intent TEXT;
-    ALTER TABLE replies ADD COLUMN handover INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX replies_handover ON replies (handover, created_at);
-    """,
-    # 5: who gave the feedback, and the trust gate (supportlm.serve.review): a row becomes
-    # training data when a signed-in agent wrote it or a person approved it.
-    """
-    ALTER TABLE feedback ADD COLUMN author TEXT;
-    ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE feedback ADD COLUMN review TEXT;
-    ALTER TABLE feedback ADD COLUMN reviewed_by TEXT;
-    ALTER TABLE feedback ADD COLUMN reviewed_at TEXT;
-    ALTER TABLE votes ADD COLUMN author TEXT;
-    ALTER TABLE votes ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE votes ADD COLUMN review TEXT;
-    ALTER TABLE votes ADD COLUMN reviewed_by TEXT;
-    ALTER TABLE votes ADD COLUMN reviewed_at TEXT;
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -121,6 +45,12 @@ def _now() -> str:
 
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def turn_digest(conversation: Sequence[Mapping[str, Any]], reply: str) -> str:
+    """A content hash of a stored reply in its conversation (both as stored: redacted)."""
+    turns = [[m["role"], m["content"]] for m in conversation] + [["assistant", reply]]
+    return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -197,18 +127,27 @@ class FeedbackStore:
             # Safe with WAL (a crash cannot corrupt the file; a power cut may lose the last
             # commits) and it skips an fsync per write, which otherwise dominates a vote.
             connection.execute("PRAGMA synchronous=NORMAL")
+            # Deleted rows are overwritten with zeros, not left in free pages for anyone with
+            # the file to read back (erasure, retention); the default depends on the build.
+            connection.execute("PRAGMA secure_delete=ON")
             with connection:
                 yield connection
 
     # -- replies ------------------------------------------------------------------------------
 
     def add_reply(self, record: ReplyRecord) -> str:
-        """Store a reply the server produced; returns its reply id."""
+        """Store a reply the server produced; returns its reply id.
+
+        Its history counts as verified only when the conversation's last assistant turn is a
+        reply this store holds, itself verified (so, by induction, every earlier one is).
+        """
+        conversation = redact_json([dict(m) for m in record.conversation])
+        reply = redact(record.reply)
         row = (
             record.reply_id,
             _now(),
-            _dumps(redact_json(list(record.conversation))),
-            redact(record.reply),
+            _dumps(conversation),
+            reply,
             record.finish_reason,
             record.model_id,
             record.adapter_id,
@@ -218,22 +157,47 @@ class FeedbackStore:
             record.conversation_id,
             record.intent,
             int(record.handover),
+            turn_digest(conversation, reply),
         )
         with self.connect() as connection:
+            verified = self._history_verified(connection, conversation)
             connection.execute(
                 "INSERT INTO replies (reply_id, created_at, conversation, reply, finish_reason, "
                 "model_id, adapter_id, adapter_version, backend, settings, conversation_id, "
-                "intent, handover) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
+                "intent, handover, turn_digest, history_verified) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, int(verified)),
             )
         return record.reply_id
 
+    @staticmethod
+    def _history_verified(
+        connection: sqlite3.Connection, conversation: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=-1)
+        if last < 0:
+            return True  # no assistant turn: nothing a client could have forged
+        digest = turn_digest(conversation[:last], conversation[last]["content"])
+        row = connection.execute(
+            "SELECT 1 FROM replies WHERE turn_digest = ? AND history_verified = 1 LIMIT 1",
+            (digest,),
+        ).fetchone()
+        return row is not None
+
     def finish_reply(self, reply_id: str, reply: str, finish_reason: str | None) -> None:
         """Store the whole text of a reply stored while it was still streaming."""
+        reply = redact(reply)
         with self.connect() as connection:
+            row = connection.execute(
+                "SELECT conversation FROM replies WHERE reply_id = ?", (reply_id,)
+            ).fetchone()
+            if row is None:
+                return
+            digest = turn_digest(json.loads(row["conversation"]), reply)
             connection.execute(
-                "UPDATE replies SET reply = ?, finish_reason = ? WHERE reply_id = ?",
-                (redact(reply), finish_reason, reply_id),
+                "UPDATE replies SET reply = ?, finish_reason = ?, turn_digest = ? "
+                "WHERE reply_id = ?",
+                (reply, finish_reason, digest, reply_id),
             )
 
     def get_reply(self, reply_id: str) -> dict[str, Any]:
@@ -269,7 +233,9 @@ class FeedbackStore:
         if kind == "correction" and not (corrected_answer or "").strip():
             raise SupportLMError("A correction needs the corrected answer.")
         reply = self.get_reply(reply_id)
-        conversation = [*reply["conversation"], {"role": "assistant", "content": reply["reply"]}]
+        verified = bool(reply.get("history_verified"))
+        earlier = reply["conversation"] if verified else last_question(reply["conversation"])
+        conversation = [*earlier, {"role": "assistant", "content": reply["reply"]}]
         row = (
             _now(),
             kind,
@@ -285,12 +251,14 @@ class FeedbackStore:
             reply_id,
             author,
             int(trusted),
+            int(verified),
         )
         with self.connect() as connection:
             cursor = connection.execute(
                 "INSERT INTO feedback (created_at, kind, conversation, message_index, reply, "
                 "corrected_answer, model_id, adapter_id, adapter_version, backend, settings, "
-                "reply_id, author, trusted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reply_id, author, trusted, history_verified) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             return int(cursor.lastrowid)
@@ -371,6 +339,12 @@ class FeedbackStore:
     def list_votes(self, limit: int | None = 100) -> list[dict[str, Any]]:
         """The newest votes first, JSON columns decoded."""
         return self._select("votes", limit)
+
+
+def last_question(conversation: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation cut to its last user message: what is left of an unverified history."""
+    users = [dict(m) for m in conversation if m["role"] == "user"]
+    return users[-1:]
 
 
 def open_store(path: str | os.PathLike[str]) -> tuple[FeedbackStore | None, str | None]:

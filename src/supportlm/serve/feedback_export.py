@@ -15,6 +15,8 @@ One export is a folder:
   "rejected", "kind", "adapter_version"}`` where the last message is the reference answer (a
   correction, or a liked reply) and ``rejected`` the reply it replaced; `finetune/evaluate.py
   --against` scores new vs old adapters on it;
+* ``reply_ids.json``: for each line of each file, the stored replies it came from, so erasing
+  a conversation removes its lines here too (`supportlm.serve.derived`);
 * ``export.json``: what was exported and from what (counts by kind, adapter version, intent; how
   many rows each trust gate let through; the filters; the rows of each file and a content hash of
   the export), which training records in its lineage; ``export.md`` says the same for people.
@@ -44,7 +46,8 @@ from typing import Any
 from supportlm.cache import atomic_target
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import FEEDBACK_EXPORT_REPORT
-from supportlm.serve.feedback import FeedbackStore
+from supportlm.serve import derived
+from supportlm.serve.feedback import FeedbackStore, last_question
 from supportlm.serve.redaction import redact
 from supportlm.serve.review import GATES, PASSING, gate
 
@@ -82,6 +85,7 @@ class Signal:
     choice: str | None = None  # a vote's choice
     other: str | None = None  # a vote's other answer (the winner, or the second bad one)
     gate: str = "pending"  # supportlm.serve.review.GATES
+    reply_ids: tuple[str, ...] = ()  # the stored replies it came from (erasure reaches it)
 
     @property
     def question(self) -> str:
@@ -149,6 +153,8 @@ def _feedback_signal(row: dict[str, Any], intents: Mapping[str, Any]) -> tuple[S
     if end is None:  # rows from before message_index: the rated reply is the last message
         end = len(conversation) - 1
     prompt = [{"role": m["role"], "content": m["content"]} for m in conversation[:end]]
+    if not row.get("history_verified"):  # assistant turns a client sent: never training data
+        prompt = last_question(prompt)
     signal = Signal(
         kind=row["kind"],
         prompt=prompt,
@@ -157,6 +163,7 @@ def _feedback_signal(row: dict[str, Any], intents: Mapping[str, Any]) -> tuple[S
         adapter_version=row.get("adapter_version"),
         intent=intents.get(row.get("reply_id")),
         created_at=row["created_at"],
+        reply_ids=tuple(filter(None, [row.get("reply_id")])),
     )
     return signal, row
 
@@ -166,8 +173,10 @@ def _vote_signal(
 ) -> tuple[Signal, dict]:
     prompt: Messages = [{"role": "user", "content": row["question"]}]
     if row.get("tuned_reply_id"):
-        conversation = store.get_reply(row["tuned_reply_id"])["conversation"]
-        prompt = [{"role": m["role"], "content": m["content"]} for m in conversation]
+        tuned = store.get_reply(row["tuned_reply_id"])
+        prompt = [{"role": m["role"], "content": m["content"]} for m in tuned["conversation"]]
+        if not tuned.get("history_verified"):
+            prompt = last_question(prompt)
     winner, loser = row["tuned_answer"], row["base_answer"]
     if row["choice"] == "base":
         winner, loser = loser, winner
@@ -181,6 +190,7 @@ def _vote_signal(
         created_at=row["created_at"],
         choice=row["choice"],
         other=winner,
+        reply_ids=tuple(filter(None, [row.get("base_reply_id"), row.get("tuned_reply_id")])),
     )
     return signal, row
 
@@ -240,9 +250,11 @@ def _row_key(name: str, row: Mapping[str, Any]) -> str:
 
 def build_rows(
     signals: Sequence[Signal], heldout_share: float, include_likes: bool, report: ExportReport
-) -> dict[str, list[dict[str, Any]]]:
-    """The de-duplicated rows of every file, held-out questions split off."""
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[list[str]]]]:
+    """The de-duplicated rows of every file, held-out questions split off, and for each row the
+    reply ids it came from."""
     found: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in FILES}
+    sources: dict[str, dict[str, set[str]]] = {name: {} for name in FILES}
     heldout_questions = set()
     for signal in signals:  # oldest first: a newer duplicate replaces an older one
         if is_heldout(signal.question, heldout_share):
@@ -257,8 +269,11 @@ def build_rows(
                 report.duplicates_dropped += key in found[name]
                 found[name].pop(key, None)
                 found[name][key] = row
+                sources[name].setdefault(key, set()).update(signal.reply_ids)
     report.heldout_questions = len(heldout_questions)
-    return {name: list(rows.values()) for name, rows in found.items()}
+    rows = {name: list(found[name].values()) for name in FILES}
+    ids = {name: [sorted(sources[name][key]) for key in found[name]] for name in FILES}
+    return rows, ids
 
 
 def _redacted(value: Any, report: ExportReport) -> Any:
@@ -297,7 +312,7 @@ def export_feedback(
             "trusted as it arrives (SUPPORTLM_AGENTS)."
         )
     _count(report, signals)
-    rows = build_rows(signals, heldout_share, include_likes, report)
+    rows, reply_ids = build_rows(signals, heldout_share, include_likes, report)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SupportLMError(f"{out_dir} is not empty: export into a new folder.")
@@ -316,6 +331,8 @@ def export_feedback(
             json.dumps(asdict(report), indent=2), encoding="utf-8"
         )
         (tmp / "export.md").write_text(report.to_markdown(), encoding="utf-8")
+        (tmp / derived.REPLY_IDS).write_text(json.dumps(reply_ids), encoding="utf-8")
+    derived.register(store, out_dir)  # erasure and retention reach this copy
     return report
 
 

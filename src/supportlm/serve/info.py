@@ -7,6 +7,7 @@ content hash, the same one every stored reply carries.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,31 @@ def public_name(spec: str) -> str:
     return path.name if path.exists() else spec
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]*@")
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:~|\.{1,2})?/(?:[\w.+-]+/)*(?P<name>[\w.+-]+)/?")
+
+
+def public_text(text: str) -> str:
+    """`text` (an engine description, a serving note) fit for a public page: a URL keeps its
+    scheme and host only (no password, user, path or query), a server path becomes its last
+    name. The log keeps the whole text."""
+    text = _CREDENTIALS.sub(r"\g<scheme>", text)
+    text = _URL.sub(lambda match: _origin(match.group(0)), text)
+    pieces = re.split(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/]+)", text)  # keep origins whole
+    return "".join(
+        piece if i % 2 else _ABSOLUTE_PATH.sub(lambda m: m.group("name"), piece)
+        for i, piece in enumerate(pieces)
+    )
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    host = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    trailing = "".join(ch for ch in rest[len(host) :][-1:] if ch in ".,;:)")
+    return f"{scheme}://{host}{trailing}"
+
+
 def serving_info(assistant: Assistant) -> dict[str, Any]:
     """The engine, the backend setting and why it chose that engine, the model and the adapter."""
     plan, engine = assistant.plan, assistant.engine
@@ -32,7 +58,7 @@ def serving_info(assistant: Assistant) -> dict[str, Any]:
     return {
         "engine": engine.name,
         "backend": plan.settings.backend,  # what was asked for: "auto" unless set
-        "why": plan.backend_reason,
+        "why": public_text(plan.backend_reason),
         "model": public_name(plan.model),
         "adapter": adapter.name if adapter else None,
         "adapter_version": adapter.version if adapter else None,

@@ -1,16 +1,19 @@
 """Data rights on the feedback store: erase one conversation, delete rows past their retention.
 
 Both delete the feedback and votes that name a reply together with the reply, in one transaction,
-so no row is left pointing at a reply that is gone. ``python finetune/feedback.py erase`` and
-``... purge`` run them from the command line; the app purges at start-up and once an hour when
-``SUPPORTLM_RETENTION_DAYS`` is set.
+so no row is left pointing at a reply that is gone; then the copies in feedback exports follow
+(`supportlm.serve.derived`): erasure removes their lines, retention deletes old exports whole.
+``python finetune/feedback.py erase`` and ``... purge`` run them from the command line; the app
+purges at start-up and once an hour when ``SUPPORTLM_RETENTION_DAYS`` is set.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from supportlm.errors import SupportLMError
+from supportlm.serve import derived
 from supportlm.serve.feedback import FeedbackStore
 
 _TABLES = ("feedback", "votes", "replies")
@@ -18,8 +21,14 @@ _TABLES = ("feedback", "votes", "replies")
 
 def _delete(store: FeedbackStore, replies_where: str, value: str, rows_where: str) -> dict:
     """Delete the replies matching `replies_where`, the rows naming them, and the feedback and
-    votes matching `rows_where` (both use ``:value``); returns how many rows each table lost."""
+    votes matching `rows_where` (both use ``:value``), then their lines in every export
+    (`supportlm.serve.derived.scrub`); returns how many rows each table lost and which exports
+    changed (``exports_scrubbed``)."""
     selected = f"SELECT reply_id FROM replies WHERE {replies_where}"
+    with store.connect() as connection:
+        erased = [row[0] for row in connection.execute(selected, {"value": value}).fetchall()]
+        erased += [row[0] for row in connection.execute(
+            f"SELECT reply_id FROM feedback WHERE {rows_where}", {"value": value})]  # fmt: skip
     statements = {
         "feedback": f"DELETE FROM feedback WHERE reply_id IN ({selected}) OR {rows_where}",
         "votes": (
@@ -29,10 +38,12 @@ def _delete(store: FeedbackStore, replies_where: str, value: str, rows_where: st
         "replies": f"DELETE FROM replies WHERE {replies_where}",
     }
     with store.connect() as connection:
-        return {
+        counts: dict[str, Any] = {
             table: connection.execute(statements[table], {"value": value}).rowcount
             for table in _TABLES
         }
+    counts["exports_scrubbed"] = derived.scrub(store, filter(None, erased))
+    return counts
 
 
 def erase_conversation(store: FeedbackStore, conversation_id: str) -> dict[str, int]:
@@ -58,4 +69,6 @@ def purge_older_than(
         raise SupportLMError("The retention is at least one day.")
     now = now or datetime.now(timezone.utc)
     cutoff = (now - timedelta(days=days)).isoformat(timespec="seconds")
-    return _delete(store, "created_at < :value", cutoff, "created_at < :value")
+    counts = _delete(store, "created_at < :value", cutoff, "created_at < :value")
+    counts["exports_expired"] = derived.expire(store, cutoff)
+    return counts

@@ -67,13 +67,25 @@ def _item(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
         return {
             "ref": f"v{row['id']}", "kind": f"vote:{row['choice']}", "question": row["question"],
             "reply": row["tuned_answer"], "correction": row["base_answer"],
-            "author": row.get("author"), "created_at": row["created_at"],
+            "author": row.get("author"), "created_at": row["created_at"], "context": "",
         }  # fmt: skip
     return {
         "ref": f"f{row['id']}", "kind": row["kind"], "question": rated_question(row),
         "reply": row["reply"], "correction": row.get("corrected_answer"),
-        "author": row.get("author"), "created_at": row["created_at"],
+        "author": row.get("author"), "created_at": row["created_at"], "context": context(row),
     }  # fmt: skip
+
+
+def context(row: dict[str, Any]) -> str:
+    """The earlier turns an approval admits with the rated question (the export trains on them):
+    none for a history the server could not verify, which the export cuts off too."""
+    if not row.get("history_verified"):
+        return ""
+    messages = json.loads(row["conversation"])
+    end = row["message_index"] if row.get("message_index") is not None else len(messages) - 1
+    earlier = messages[:end]
+    last_user = max((i for i, m in enumerate(earlier) if m["role"] == "user"), default=0)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in earlier[:last_user])
 
 
 def rated_question(row: dict[str, Any]) -> str:

@@ -136,11 +136,22 @@ class AppSettings:
     max_upload_bytes: int = _setting(
         "SUPPORTLM_MAX_UPLOAD_BYTES", 1_000_000, "larger uploads are refused."
     )
+    upload_bytes_per_hour: int = _setting(
+        "SUPPORTLM_UPLOAD_BYTES_PER_HOUR",
+        5_000_000,
+        "upload volume per client (signed-in user or address) per hour; more is refused.",
+    )
     concurrency: int = _setting(
         "SUPPORTLM_CONCURRENCY", 4, "requests generating at once, all tabs and APIs together."
     )
     max_queue: int = _setting(
         "SUPPORTLM_MAX_QUEUE", 32, "requests waiting to generate before new ones are refused."
+    )
+    max_per_client: int = _setting(
+        "SUPPORTLM_MAX_PER_CLIENT",
+        0,
+        "requests one client (address, login or API key) may have generating or waiting at once; "
+        "0: half of SUPPORTLM_CONCURRENCY plus an eighth of SUPPORTLM_MAX_QUEUE.",
     )
     rate_limit: int = _setting(
         "SUPPORTLM_RATE_LIMIT", 0, "generation requests per client per minute; 0: no limit."
@@ -164,6 +175,12 @@ class AppSettings:
         "SUPPORTLM_HF_OAUTH", 0, "1: require a Hugging Face sign-in (a Space with hf_oauth: true)."
     )
     context_length: int = _setting("SUPPORTLM_CONTEXT_LENGTH", 2048, "prompt + reply tokens.")
+    secret: str | None = _setting(
+        "SUPPORTLM_SECRET",
+        None,
+        "key of the conversation ids the server issues (supportlm.serve.identity); default: a "
+        "random key per process. Replicas must share one.",
+    )
     api_key: str | None = _setting(
         "SUPPORTLM_API_KEY", None, "Bearer key that /v1 requires (also when a login is set)."
     )
@@ -198,28 +215,15 @@ class AppSettings:
         if self.backend not in BACKEND_CHOICES:
             choices = ", ".join(BACKEND_CHOICES)
             raise SupportLMError(f"SUPPORTLM_BACKEND={self.backend!r} is not one of {choices}.")
-        for name in (
-            "max_input_chars",
-            "max_input_tokens",
-            "max_history_messages",
-            "max_system_prompt_chars",
-            "max_correction_chars",
-            "max_model_calls",
-            "max_upload_bytes",
-            "concurrency",
-            "max_queue",
-            "context_length",
-        ):
-            self._check_at_least(name, 1)
-        for name in (
-            "rate_limit",
-            "feedback_rate_limit",
-            "retention_days",
-            "hf_oauth",
-            "llamacpp_threads",
-            "llamacpp_lanes",
-        ):
-            self._check_at_least(name, 0)
+        at_least_one = ("max_input_chars max_input_tokens max_history_messages "
+                        "max_system_prompt_chars max_correction_chars max_model_calls "
+                        "max_upload_bytes upload_bytes_per_hour concurrency max_queue "
+                        "context_length")  # fmt: skip
+        at_least_zero = ("rate_limit max_per_client feedback_rate_limit retention_days hf_oauth "
+                         "llamacpp_threads llamacpp_lanes")  # fmt: skip
+        for names, minimum in ((at_least_one, 1), (at_least_zero, 0)):
+            for name in names.split():
+                self._check_at_least(name, minimum)
         if self.max_input_tokens >= self.context_length:
             raise SupportLMError(
                 f"max_input_tokens ({self.max_input_tokens}) must be smaller than "

@@ -13,14 +13,15 @@ import gradio as gr
 from supportlm.engines.base import Engine
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
+from supportlm.serve.info import public_text
 from supportlm.serve.settings import AppSettings, ServingPlan
 from supportlm.serve.switching import AdapterSwitcher
-from supportlm.serve.ui.about import about_tab
+from supportlm.serve.ui.about import about_markdown, about_tab
 from supportlm.serve.ui.api import register_api
 from supportlm.serve.ui.chat import PRIVACY_NOTICE, chat_tab
 from supportlm.serve.ui.common import max_reply_tokens, session_id
 from supportlm.serve.ui.compare import compare_tab
-from supportlm.serve.ui.insights import insights_tab, is_agent
+from supportlm.serve.ui.insights import insights_tab, tab_visible
 from supportlm.serve.ui.summarise import summarise_tab
 from supportlm.serve.ui.translate import translate_tab
 
@@ -53,14 +54,14 @@ def build_demo(
         tuned = " with a fine-tuned LoRA adapter" if assistant.engine.has_adapter else ""
         return (
             f"# supportlm\nA customer-service assistant on a small language model{tuned}. "
-            f"Serving **{assistant.engine.description}**."
+            f"Serving **{public_text(assistant.engine.description)}**."
         )
 
-    # Uploads older than an hour are deleted every hour (each is also deleted once read).
+    # A backstop: uploads are deleted once read, or after two minutes (supportlm.serve.ui.guard).
     with gr.Blocks(
         title="supportlm · customer-service assistant", fill_width=False, delete_cache=(3600, 3600)
     ) as demo:
-        gr.Markdown(header)
+        heading = gr.Markdown()
         if settings.hf_oauth:
             gr.LoginButton()
         if assistant.feedback_notice:
@@ -77,14 +78,17 @@ def build_demo(
             with gr.Tab("Insights", id="insights") as insights:
                 insights_tab(assistant, insights)
             with gr.Tab("About", id="about"):
-                about_tab(assistant)
+                serving = about_tab(assistant)
         register_api(assistant, switcher)
 
-        def on_load(request: gr.Request) -> tuple[str, gr.Tab]:
-            notice = PRIVACY_NOTICE.format(conversation=session_id(request))
-            return notice, gr.Tab(visible=is_agent(request, settings))  # agents only, if a login
+        def on_load(request: gr.Request) -> tuple[str, str, str, gr.Tab]:
+            notice = PRIVACY_NOTICE.format(conversation=session_id(request, settings))
+            visible = tab_visible(request, settings)
+            return header(), about_markdown(assistant), notice, gr.Tab(visible=visible)
 
-        demo.load(on_load, None, [privacy, insights], api_visibility="private")
+        # Private: what a page shows on load is no API endpoint (nor an MCP tool).
+        outputs = [heading, serving, privacy, insights]
+        demo.load(on_load, None, outputs, api_visibility="private")
     # The assistant's admission layer bounds generation across all events; Gradio's per-listener
     # limit only caps the worker threads one listener may hold while they wait there.
     limit = assistant.admission.concurrency + assistant.admission.max_queue

@@ -12,7 +12,7 @@ import gradio as gr
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.assistant import Assistant
-from supportlm.serve.info import public_name
+from supportlm.serve.info import public_name, public_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ def adapter_report(assistant: Assistant) -> tuple[dict[str, Any] | None, Path | 
     return metrics, run.loss_plot()
 
 
-def about_tab(assistant: Assistant) -> None:
-    # A callable value is rendered on every page load: after an adapter switch it says so.
-    gr.Markdown(lambda: about_markdown(assistant), elem_id="about-serving")
+def about_tab(assistant: Assistant) -> gr.Markdown:
+    """The tab; returns its serving summary, which `build_demo` fills on every page load (after
+    an adapter switch it says so) through a private event, not an API endpoint or MCP tool."""
+    serving = gr.Markdown(elem_id="about-serving")
     metrics, loss_plot = adapter_report(assistant)
     if metrics:
         gr.Dataframe(
@@ -46,6 +47,7 @@ def about_tab(assistant: Assistant) -> None:
         )
     if loss_plot is not None:
         gr.Image(str(loss_plot), label="Training loss", interactive=False)
+    return serving
 
 
 def about_markdown(assistant: Assistant) -> str:
@@ -53,7 +55,7 @@ def about_markdown(assistant: Assistant) -> str:
     adapter = engine.adapter
     lines = [
         "## What is serving",
-        f"- **Engine:** {engine.description}",
+        f"- **Engine:** {public_text(engine.description)}",
         f"- **Backend:** {engine.name}",
         f"- **Model:** `{public_name(plan.model)}`",
         f"- **Adapter:** `{adapter.name}` (version `{adapter.version}`)"
@@ -67,7 +69,7 @@ def about_markdown(assistant: Assistant) -> str:
         f"{', '.join(sorted(assistant.router.handover_intents)) or 'none'}",
     ]
     if plan.notes:
-        lines += ["", "### How this was chosen", *(f"- {note}" for note in plan.notes)]
+        lines += ["", "### How this was chosen", *(f"- {public_text(n)}" for n in plan.notes)]
     if plan.adapter and adapter_report(assistant) == (None, None):
         lines += ["", "The adapter folder has no `metrics.json` or `loss.png`."]
     return "\n".join(lines)

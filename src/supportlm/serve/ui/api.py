@@ -63,7 +63,7 @@ class Endpoints:
             system_prompt,
             generation_settings(**values),
             client_id(request, self.assistant.settings),
-            session_id(request),
+            session_id(request, self.assistant.settings),
         )
 
     def chat(
@@ -205,11 +205,18 @@ def reload_endpoint(switcher: AdapterSwitcher):
     return reload_adapter
 
 
+#: The endpoints served as MCP tools (``SUPPORTLM_MCP=1``): Gradio makes a tool of every public
+#: endpoint, so with MCP on the others are undocumented (still callable by `gradio_client`).
+MCP_TOOLS = ("chat", "summarize", "translate")
+
+
 def register_api(assistant: Assistant, switcher: AdapterSwitcher | None = None) -> None:
     endpoints = Endpoints(assistant)
-    for name in ("chat", "reply", "summarize", "translate"):
-        gr.api(gpu(getattr(endpoints, name)), api_name=name)
-    gr.api(endpoints.feedback, api_name="feedback")
-    gr.api(endpoints.info, api_name="info")
+    functions = {name: gpu(getattr(endpoints, name)) for name in ("chat", "reply", "summarize",
+                                                                  "translate")}  # fmt: skip
+    functions |= {"feedback": endpoints.feedback, "info": endpoints.info}
     if switcher is not None:
-        gr.api(reload_endpoint(switcher), api_name="reload_adapter")
+        functions["reload_adapter"] = reload_endpoint(switcher)
+    for name, function in functions.items():
+        public = name in MCP_TOOLS or not assistant.settings.mcp
+        gr.api(function, api_name=name, api_visibility="public" if public else "undocumented")

@@ -107,7 +107,7 @@ def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
             prompt,
             settings,
             client_id(request, assistant.settings),
-            session_id(request),
+            session_id(request, assistant.settings),
             store=not no_store,
         )
         for text, caption_text, reply_id, _ in user_facing(events):

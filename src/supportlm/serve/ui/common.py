@@ -14,6 +14,7 @@ import gradio as gr
 
 from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.serve.identity import conversation_id
 from supportlm.serve.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -131,22 +132,29 @@ def signed_in_user(request: gr.Request | None) -> str | None:
     return ((info or {}).get("userinfo") or {}).get("preferred_username")
 
 
-def session_id(request: gr.Request | None) -> str | None:
-    """The browser session, the conversation id stored with its replies (for erasure)."""
-    return getattr(request, "session_hash", None)
+def session_id(request: gr.Request | None, settings: AppSettings) -> str | None:
+    """The conversation id stored with this browser session's replies (for erasure): issued by
+    the server from Gradio's client-chosen session hash (`supportlm.serve.identity`)."""
+    return conversation_id(getattr(request, "session_hash", None), settings.secret)
 
 
 def read_upload(path: Path, max_bytes: int) -> str:
     """An uploaded text file's contents, read once and bounded; the upload is deleted after.
 
     Binary files (a NUL byte, or not UTF-8) and files over `max_bytes` are refused with a
-    message; Gradio's ``max_file_size`` refuses larger ones before they are even stored.
+    message; Gradio's ``max_file_size`` refuses larger ones before they are even stored, and
+    `supportlm.serve.ui.guard` refuses non-text uploads as they arrive.
     """
     try:
-        with path.open("rb") as file:
-            data = file.read(max_bytes + 1)
+        return check_text_file(path, max_bytes)
     finally:
         path.unlink(missing_ok=True)  # nothing a visitor uploads stays on the server
+
+
+def check_text_file(path: Path, max_bytes: int) -> str:
+    """The file's text; raises `SupportLMError` for a binary, non-UTF-8 or too large file."""
+    with path.open("rb") as file:
+        data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise SupportLMError(f"The file is larger than {max_bytes // 1000} kB; upload less.")
     try:

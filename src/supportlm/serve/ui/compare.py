@@ -64,7 +64,7 @@ def compare_tab(assistant: Assistant, max_reply: int) -> None:
             text,
             settings,
             client_id=client_id(request, assistant.settings),
-            conversation_id=session_id(request),
+            conversation_id=session_id(request, assistant.settings),
         )
         for base, tuned in user_facing(pairs):
             ids = (base.request_id if base else "", tuned.request_id if tuned else "")

@@ -16,11 +16,13 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.routing import Mount
 
 from supportlm.errors import SupportLMError
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.settings import AppSettings, ServingPlan
 from supportlm.serve.ui import build_demo, launch_options, start_assistant
+from supportlm.serve.ui.guard import GradioGuard, UploadBudget
 from supportlm.serve.v1.access import ApiAccess
 from supportlm.serve.v1.routes import create_api
 from supportlm.serve.v1.schema import ApiError
@@ -65,8 +67,15 @@ def create_server(demo: gr.Blocks, assistant: Assistant) -> FastAPI:
     app = create_api(assistant)
     mcp = mcp_enabled(settings)
     if mcp:
-        app.add_middleware(McpAccess, access=ApiAccess(settings))
-    return gr.mount_gradio_app(app, demo, path="/", mcp_server=mcp, **launch_options(settings))
+        app.add_middleware(McpAccess, access=ApiAccess(settings, assistant.logins))
+    server = gr.mount_gradio_app(app, demo, path="/", mcp_server=mcp, **launch_options(settings))
+    gradio_app = next(route.app for route in server.routes if isinstance(route, Mount))
+    server.add_middleware(
+        GradioGuard, gradio_app=gradio_app, login_required=bool(settings.auth),
+        throttle=assistant.logins, uploads=UploadBudget(settings.upload_bytes_per_hour),
+        max_upload_bytes=settings.max_upload_bytes,
+    )  # fmt: skip
+    return server
 
 
 def build_server(plan: ServingPlan | None = None) -> FastAPI:

@@ -4,7 +4,8 @@
 When the app requires a login (``SUPPORTLM_AUTH``), ``/v1`` requires it too: HTTP Basic with one
 of those pairs, or ``Bearer user:password`` for clients that only send a bearer token. A Space
 with a Hugging Face sign-in has no password to check here, so there ``/v1`` is closed unless an
-API key is set. Comparisons are constant-time (`hmac.compare_digest`).
+API key is set. Comparisons are constant-time (`hmac.compare_digest`), and wrong secrets are
+throttled per account and address with the same `LoginThrottle` as the login form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import binascii
 import hmac
 from collections.abc import Mapping
 
+from supportlm.serve.admission import Busy
 from supportlm.serve.settings import AppSettings
+from supportlm.serve.throttle import LoginThrottle
 from supportlm.serve.v1.schema import ApiError
 
 
@@ -32,7 +35,8 @@ def _basic(value: str) -> str | None:
 class ApiAccess:
     """Checks a request's ``Authorization`` header; returns the caller's identity."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, throttle: LoginThrottle | None = None) -> None:
+        self.throttle = throttle or LoginThrottle()
         self.api_key = settings.api_key
         self.pairs = [f"{user}:{password}" for user, password in settings.auth_pairs() or []]
         self.closed = settings.hf_oauth and not self.api_key
@@ -52,13 +56,22 @@ class ApiAccess:
         secret = value.strip() if scheme.lower() == "bearer" else None
         if scheme.lower() == "basic":
             secret = _basic(value.strip())
-        if secret is not None:
-            if self.api_key and _same(secret, self.api_key):
-                return f"key:{address}"
-            for pair in self.pairs:
-                if _same(secret, pair):
-                    return f"user:{pair.partition(':')[0]}"
-        raise self._refuse("Invalid or missing API key: send 'Authorization: Bearer <key>'.")
+        if secret is None:
+            raise self._refuse("Missing API key: send 'Authorization: Bearer <key>'.")
+        account = secret.partition(":")[0] if ":" in secret else None
+        try:
+            self.throttle.check(account, address)
+        except Busy as error:
+            raise ApiError(
+                429, str(error), type="rate_limit_error", code="too_many_failures"
+            ) from error
+        if self.api_key and _same(secret, self.api_key):
+            return f"key:{address}"
+        for pair in self.pairs:
+            if _same(secret, pair):
+                return f"user:{pair.partition(':')[0]}"
+        self.throttle.failed(account, address)
+        raise self._refuse("Invalid API key or login: send 'Authorization: Bearer <key>'.")
 
     @staticmethod
     def _refuse(message: str) -> ApiError:

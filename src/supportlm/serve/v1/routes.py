@@ -28,6 +28,7 @@ from supportlm.engines.openai_remote import RemoteError
 from supportlm.errors import SupportLMError
 from supportlm.serve.admission import Busy, QueueFull
 from supportlm.serve.assistant import Assistant
+from supportlm.serve.info import public_name
 from supportlm.serve.v1.access import ApiAccess
 from supportlm.serve.v1.schema import (
     ApiError,
@@ -81,7 +82,7 @@ class ChatCompletions:
     def __init__(self, assistant: Assistant) -> None:
         self.assistant = assistant
         settings = assistant.settings
-        self.access = ApiAccess(settings)
+        self.access = ApiAccess(settings, assistant.logins)
         self.max_body = settings.max_upload_bytes
         self.store = settings.api_store
         # Requests waiting for a slot each hold a worker thread; their own pool keeps them from
@@ -127,7 +128,7 @@ class ChatCompletions:
         cards = [
             {
                 "id": model, "object": "model", "created": 0, "owned_by": "supportlm",
-                "root": plan.model, "parent": BASE_MODEL if use_adapter else None,
+                "root": public_name(plan.model), "parent": BASE_MODEL if use_adapter else None,
                 "adapter_version": adapter.version if use_adapter and adapter else None,
             }
             for model, use_adapter in self.models().items()
@@ -212,6 +213,13 @@ class ChatCompletions:
         return JSONResponse({"id": body["id"], "object": "feedback", "row": row})
 
     async def health(self, request: Request) -> Response:
+        """``{"status": "ok"}`` for anyone (a load balancer needs no key); what serves and the
+        load only for a caller who passes the app's access check (`ApiAccess`)."""
+        if self.access.required:
+            try:
+                self._caller(request)
+            except ApiError:
+                return JSONResponse({"status": "ok"})
         engine, admission = self.assistant.engine, self.assistant.admission
         return JSONResponse({
             "status": "ok", "engine": engine.name,
