@@ -28,10 +28,11 @@ class QueueFull(Busy):
 
 
 class RateLimit:
-    """At most `limit` calls per client in any `window_s` seconds (0: no limit).
+    """At most `limit` calls (or bytes, or failures: any amount) per client in any `window_s`
+    seconds (0: no limit).
 
-    A sliding window of call times per client; the map forgets idle clients, so it stays bounded
-    however many addresses a visitor uses.
+    A sliding window of (time, amount) per client; the map forgets idle clients, so it stays
+    bounded however many addresses a visitor uses.
     """
 
     def __init__(
@@ -43,42 +44,45 @@ class RateLimit:
         self.window_s = window_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._recent: dict[str, collections.deque[float]] = {}
+        self._recent: dict[str, collections.deque[tuple[float, int]]] = {}
 
     def check(self, client_id: str | None, what: str = "requests") -> None:
         """Count one call by `client_id`; raises `Busy` when its limit is used up."""
         if not self.limit or client_id is None:
             return
         with self._lock:
-            if len(self._window(client_id)) >= self.limit:
+            if self._used(client_id) >= self.limit:
                 raise Busy(f"Too many {what}: at most {self.limit} a minute; please wait a moment.")
-            self._append(client_id)
+            self._add(client_id, 1)
+
+    def left(self, client_id: str) -> int:
+        """How much `client_id` may still use in the window (counts nothing)."""
+        with self._lock:
+            return self.limit - self._used(client_id)
 
     def used_up(self, client_id: str) -> bool:
-        """Whether `client_id` has no call left in the window (counts nothing)."""
-        with self._lock:
-            return bool(self.limit) and len(self._window(client_id)) >= self.limit
+        """Whether `client_id` has nothing left in the window (counts nothing)."""
+        return bool(self.limit) and self.left(client_id) <= 0
 
-    def record(self, client_id: str) -> None:
-        """Count one call by `client_id` without checking the limit."""
+    def record(self, client_id: str, amount: int = 1) -> None:
+        """Count `amount` for `client_id` without checking the limit."""
         if self.limit:
             with self._lock:
-                self._append(client_id)
+                self._add(client_id, amount)
 
-    def _window(self, client_id: str) -> collections.deque[float]:
-        """`client_id`'s calls within the window (older ones dropped); under the lock."""
+    def _used(self, client_id: str) -> int:
+        """`client_id`'s amount within the window (older entries dropped); under the lock."""
         now = self._clock()
         recent = self._recent.get(client_id, collections.deque())
-        while recent and now - recent[0] >= self.window_s:
+        while recent and now - recent[0][0] >= self.window_s:
             recent.popleft()
-        return recent
+        return sum(amount for _, amount in recent)
 
-    def _append(self, client_id: str) -> None:
+    def _add(self, client_id: str, amount: int) -> None:
         now = self._clock()
-        self._window(client_id)
-        self._recent.setdefault(client_id, collections.deque()).append(now)
+        self._recent.setdefault(client_id, collections.deque()).append((now, amount))
         if len(self._recent) > 10_000:  # forget clients idle for a whole window
-            idle = [k for k, v in self._recent.items() if now - v[-1] >= self.window_s]
+            idle = [k for k, v in self._recent.items() if now - v[-1][0] >= self.window_s]
             for key in idle:
                 del self._recent[key]
 
@@ -144,12 +148,22 @@ class Admission:
                 self._hand_over()
 
     def _enter(self, client: str | None) -> None:
-        """Take a slot now or wait in line for one (under the condition's lock)."""
+        """Take a slot, now or after waiting in line (under the condition's lock); the client
+        holds its share from here until `admit` ends."""
         if client is not None and self._held[client] >= self.per_client:
             raise Busy(f"Too many requests at once from you (at most {self.per_client}); "
                        "wait for an answer first.")  # fmt: skip
+        self._count(self._held, client, 1)
+        try:
+            self._wait_for_slot(client)
+        except BaseException:
+            self._count(self._held, client, -1)
+            raise
+        self._running += 1
+        self._count(self._by_client, client, 1)
+
+    def _wait_for_slot(self, client: str | None) -> None:
         if self._running + self._granted < self.concurrency and not self._queue:
-            self._start(client)
             return
         if len(self._queue) >= self.max_queue:
             raise QueueFull(
@@ -158,25 +172,16 @@ class Admission:
             )
         ticket = [client, False]
         self._queue.append(ticket)
-        self._count(self._held, client, 1)
         try:
             self._cond.wait_for(lambda: ticket[1])
         except BaseException:
-            if ticket[1]:
+            if ticket[1]:  # granted as it was interrupted: hand the slot on
                 self._granted -= 1
                 self._hand_over()
             else:
                 self._queue.remove(ticket)
-            self._count(self._held, client, -1)
             raise
         self._granted -= 1
-        self._count(self._held, client, -1)
-        self._start(client)
-
-    def _start(self, client: str | None) -> None:
-        self._running += 1
-        self._count(self._by_client, client, 1)
-        self._count(self._held, client, 1)
 
     @staticmethod
     def _count(counter: collections.Counter, client: str | None, step: int) -> None:

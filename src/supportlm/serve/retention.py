@@ -25,10 +25,6 @@ def _delete(store: FeedbackStore, replies_where: str, value: str, rows_where: st
     (`supportlm.serve.derived.scrub`); returns how many rows each table lost and which exports
     changed (``exports_scrubbed``)."""
     selected = f"SELECT reply_id FROM replies WHERE {replies_where}"
-    with store.connect() as connection:
-        erased = [row[0] for row in connection.execute(selected, {"value": value}).fetchall()]
-        erased += [row[0] for row in connection.execute(
-            f"SELECT reply_id FROM feedback WHERE {rows_where}", {"value": value})]  # fmt: skip
     statements = {
         "feedback": f"DELETE FROM feedback WHERE reply_id IN ({selected}) OR {rows_where}",
         "votes": (
@@ -37,7 +33,10 @@ def _delete(store: FeedbackStore, replies_where: str, value: str, rows_where: st
         ),
         "replies": f"DELETE FROM replies WHERE {replies_where}",
     }
-    with store.connect() as connection:
+    with store.connect() as connection:  # the ids the exports lose, read right before the rows go
+        erased = [row[0] for row in connection.execute(selected, {"value": value})]
+        erased += [row[0] for row in connection.execute(
+            f"SELECT reply_id FROM feedback WHERE {rows_where}", {"value": value})]  # fmt: skip
         counts: dict[str, Any] = {
             table: connection.execute(statements[table], {"value": value}).rowcount
             for table in _TABLES

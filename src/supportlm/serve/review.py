@@ -81,9 +81,7 @@ def context(row: dict[str, Any]) -> str:
     none for a history the server could not verify, which the export cuts off too."""
     if not row.get("history_verified"):
         return ""
-    messages = json.loads(row["conversation"])
-    end = row["message_index"] if row.get("message_index") is not None else len(messages) - 1
-    earlier = messages[:end]
+    earlier = _before_reply(row)
     last_user = max((i for i, m in enumerate(earlier) if m["role"] == "user"), default=0)
     return "\n".join(f"{m['role']}: {m['content']}" for m in earlier[:last_user])
 
@@ -91,9 +89,14 @@ def context(row: dict[str, Any]) -> str:
 def rated_question(row: dict[str, Any]) -> str:
     """The customer's message a stored feedback row rated: the last user turn before the reply
     at `message_index` (rows from before it: the conversation's last message)."""
+    return next((m["content"] for m in reversed(_before_reply(row)) if m["role"] == "user"), "")
+
+
+def _before_reply(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored feedback row's messages before the rated reply."""
     messages = json.loads(row["conversation"])
     end = row["message_index"] if row.get("message_index") is not None else len(messages) - 1
-    return next((m["content"] for m in reversed(messages[:end]) if m["role"] == "user"), "")
+    return messages[:end]
 
 
 def decide(store: FeedbackStore, ref: str, decision: str, reviewer: str | None) -> None:

@@ -16,10 +16,8 @@ and the response after it (the stored upload paths); Gradio offers no hook for e
 
 from __future__ import annotations
 
-import collections
 import json
 import threading
-import time
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from urllib.parse import parse_qs
 from starlette.responses import JSONResponse
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.admission import Busy
+from supportlm.serve.admission import Busy, RateLimit
 from supportlm.serve.throttle import LoginThrottle
 from supportlm.serve.ui.common import check_text_file
 
@@ -38,34 +36,12 @@ UPLOAD_TTL_S = 120.0
 MCP_PREFIX = "/gradio_api/mcp"
 
 
-class UploadBudget:
-    """Bytes each client may upload in a sliding hour; idle clients are forgotten."""
-
-    def __init__(self, bytes_per_hour: int, window_s: float = 3600.0) -> None:
-        self.limit, self.window_s = bytes_per_hour, window_s
-        self._lock = threading.Lock()
-        self._used: dict[str, collections.deque[tuple[float, int]]] = {}
-
-    def left(self, client: str) -> int:
-        now = time.monotonic()
-        with self._lock:
-            used = self._used.get(client, collections.deque())
-            while used and now - used[0][0] >= self.window_s:
-                used.popleft()
-            if not used:
-                self._used.pop(client, None)
-            return self.limit - sum(size for _, size in used)
-
-    def spend(self, client: str, size: int) -> None:
-        with self._lock:
-            self._used.setdefault(client, collections.deque()).append((time.monotonic(), size))
-
-
 class GradioGuard:
-    """The middleware; `gradio_app` is the mounted Gradio `App` (its login tokens)."""
+    """The middleware; `gradio_app` is the mounted Gradio `App` (its login tokens), `uploads`
+    each client's upload bytes in the last hour."""
 
     def __init__(self, app, *, gradio_app, login_required: bool, throttle: LoginThrottle,
-                 uploads: UploadBudget, max_upload_bytes: int) -> None:  # fmt: skip
+                 uploads: RateLimit, max_upload_bytes: int) -> None:  # fmt: skip
         self.app, self.gradio_app = app, gradio_app
         self.login_required, self.throttle = login_required, throttle
         self.uploads, self.max_upload_bytes = uploads, max_upload_bytes
@@ -132,7 +108,7 @@ class GradioGuard:
             message = f"Upload limit reached: at most {megabytes:g} MB an hour; try again later."
             await JSONResponse({"detail": message}, 429)(scope, receive, send)
             return
-        self.uploads.spend(client, size)
+        self.uploads.record(client, size)
         start, body = await _capture(self.app, scope, receive)
         refusal = self._check_uploads(start["status"], body)
         if refusal is not None:

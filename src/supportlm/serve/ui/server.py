@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Mount
 
 from supportlm.errors import SupportLMError
+from supportlm.serve.admission import RateLimit
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.settings import AppSettings, ServingPlan
 from supportlm.serve.ui import build_demo, launch_options, start_assistant
-from supportlm.serve.ui.guard import GradioGuard, UploadBudget
+from supportlm.serve.ui.guard import GradioGuard
 from supportlm.serve.v1.access import ApiAccess
 from supportlm.serve.v1.routes import create_api
 from supportlm.serve.v1.schema import ApiError
@@ -72,7 +73,7 @@ def create_server(demo: gr.Blocks, assistant: Assistant) -> FastAPI:
     gradio_app = next(route.app for route in server.routes if isinstance(route, Mount))
     server.add_middleware(
         GradioGuard, gradio_app=gradio_app, login_required=bool(settings.auth),
-        throttle=assistant.logins, uploads=UploadBudget(settings.upload_bytes_per_hour),
+        throttle=assistant.logins, uploads=RateLimit(settings.upload_bytes_per_hour, 3600.0),
         max_upload_bytes=settings.max_upload_bytes,
     )  # fmt: skip
     return server
