@@ -274,6 +274,47 @@ def test_one_client_gets_its_share_and_the_others_go_first():
         thread.join(10)
 
 
+def test_a_client_just_served_does_not_win_the_tie_it_creates():
+    import threading
+
+    from supportlm.serve.admission import Admission
+
+    admission = Admission(1, 8, per_client=4)
+    order = []
+    first = admission.admit("greedy")
+    first.__enter__()  # greedy runs; its next request, then another client's, wait
+
+    def wait(client: str) -> None:
+        with admission.admit(client):
+            order.append(client)
+
+    threads = []
+    for client in ("greedy", "normal"):
+        threads.append(threading.Thread(target=wait, args=(client,)))
+        threads[-1].start()
+        while admission.waiting < len(threads):
+            time.sleep(0.01)
+    first.__exit__(None, None, None)  # both clients now run nothing: a tie at 0
+    for thread in threads:
+        thread.join(10)
+    assert order == ["normal", "greedy"]  # served longest ago first, not the oldest ticket
+
+
+def test_a_client_over_its_share_is_refused_before_its_request_is_read(smollm2_tokenizer, tmp_path):
+    import httpx
+
+    assistant = make_assistant(smollm2_tokenizer, tmp_path, max_per_client=1, rate_limit=5)
+    _demo, server = served(assistant)
+    with server as url, assistant.admission.admit("127.0.0.1"):  # its one request runs
+        before = assistant.admission.rate.left("127.0.0.1")
+        refused = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+    assert refused.status_code == 429  # not 400: the body was never parsed
+    assert refused.headers["Retry-After"] == "1"
+    assert "at most 1" in refused.json()["error"]["message"]
+    assert assistant.admission.rate.left("127.0.0.1") == before  # nothing counted
+
+
 # -- 6. uploads ---------------------------------------------------------------------------------
 
 

@@ -95,8 +95,13 @@ class Admission:
 
     * a client may have at most `per_client` requests running or waiting at once (default: half
       the slots plus an eighth of the line); more are refused at once as its own `Busy`;
-    * a freed slot goes to the waiting request whose client runs the fewest, the oldest first,
-      so a client with many requests gets slots others do not want, not theirs.
+    * a freed slot goes to the waiting request whose client runs the fewest; among those, to
+      the client served longest ago (a client holding nothing else counts as never served),
+      then the oldest request: so a client with many requests gets slots others do not want,
+      not theirs, and does not win the ties it creates by always having one waiting;
+    * `precheck` refuses a request that would be refused anyway before any work is spent on it
+      (parsing, tokenising, routing): a greedy client's refusals once took enough CPU on
+      2 cores to triple everyone's time to the first token.
     """
 
     def __init__(
@@ -122,6 +127,8 @@ class Admission:
         self._granted = 0  # tickets chosen whose threads have not started yet
         self._by_client: collections.Counter[str | None] = collections.Counter()
         self._held: collections.Counter[str | None] = collections.Counter()  # running + waiting
+        self._grants = 0  # slots handed out so far: the clock of `_last_grant`
+        self._last_grant: dict[str | None, int] = {}  # per client holding a request
         self.rate = RateLimit(rate_limit, window_s, clock=clock)
 
     @property
@@ -131,6 +138,15 @@ class Admission:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    def precheck(self, client_id: str | None) -> None:
+        """Raise the `Busy` that `admit` would raise for `client_id` now (counts nothing)."""
+        with self._cond:
+            self._check_share(client_id)
+            if self._running + self._granted >= self.concurrency and (
+                len(self._queue) >= self.max_queue
+            ):
+                raise self._queue_full()
 
     @contextlib.contextmanager
     def admit(self, client_id: str | None = None) -> Iterator[None]:
@@ -144,32 +160,45 @@ class Admission:
             with self._cond:
                 self._running -= 1
                 self._count(self._by_client, client_id, -1)
-                self._count(self._held, client_id, -1)
+                self._release(client_id)
                 self._hand_over()
 
     def _enter(self, client: str | None) -> None:
         """Take a slot, now or after waiting in line (under the condition's lock); the client
         holds its share from here until `admit` ends."""
-        if client is not None and self._held[client] >= self.per_client:
-            raise Busy(f"Too many requests at once from you (at most {self.per_client}); "
-                       "wait for an answer first.")  # fmt: skip
+        self._check_share(client)
         self._count(self._held, client, 1)
         try:
             self._wait_for_slot(client)
         except BaseException:
-            self._count(self._held, client, -1)
+            self._release(client)
             raise
         self._running += 1
         self._count(self._by_client, client, 1)
 
+    def _check_share(self, client: str | None) -> None:
+        if client is not None and self._held[client] >= self.per_client:
+            raise Busy(f"Too many requests at once from you (at most {self.per_client}); "
+                       "wait for an answer first.")  # fmt: skip
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"The assistant is busy ({self.concurrency} answering, {len(self._queue)} "
+            "waiting); please try again in a moment."
+        )
+
+    def _release(self, client: str | None) -> None:
+        """`client` holds one request less; one that holds none is forgotten (bounded map)."""
+        self._count(self._held, client, -1)
+        if client not in self._held:
+            self._last_grant.pop(client, None)
+
     def _wait_for_slot(self, client: str | None) -> None:
         if self._running + self._granted < self.concurrency and not self._queue:
+            self._grant(client)
             return
         if len(self._queue) >= self.max_queue:
-            raise QueueFull(
-                f"The assistant is busy ({self.concurrency} answering, {len(self._queue)} "
-                "waiting); please try again in a moment."
-            )
+            raise self._queue_full()
         ticket = [client, False]
         self._queue.append(ticket)
         try:
@@ -189,11 +218,20 @@ class Admission:
         if counter[client] <= 0:
             del counter[client]  # bounded by the clients in flight, not every client seen
 
+    def _grant(self, client: str | None) -> None:
+        self._grants += 1
+        self._last_grant[client] = self._grants
+
     def _hand_over(self) -> None:
-        """Give free slots to the waiting tickets whose clients run the fewest, oldest first."""
+        """Give free slots to the waiting tickets whose clients run the fewest, then were served
+        longest ago, then are oldest (`min` keeps the first of equal keys)."""
         while self._queue and self._running + self._granted < self.concurrency:
-            ticket = min(self._queue, key=lambda t: self._by_client[t[0]])  # the oldest of ties
+            ticket = min(
+                self._queue,
+                key=lambda t: (self._by_client[t[0]], self._last_grant.get(t[0], 0)),
+            )
             self._queue.remove(ticket)
             ticket[1] = True
             self._granted += 1
+            self._grant(ticket[0])
             self._cond.notify_all()

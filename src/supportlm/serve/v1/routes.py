@@ -49,6 +49,8 @@ DEFAULTS = GenerationSettings()
 
 def _error_response(error: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status in (429, 503):  # when a polite client may try again (RFC 9110 10.2.3)
+        headers = {"Retry-After": "1"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -138,6 +140,7 @@ class ChatCompletions:
     async def create(self, request: Request) -> Response:
         try:
             caller = self._caller(request)
+            self.assistant.admission.precheck(caller)  # before the body is read or tokenised
             parsed = parse_chat_request(await self._json(request), self.models(), DEFAULTS)
             events = await self._call(self._start, parsed, caller)
             first = await self._call(next, events, None)
