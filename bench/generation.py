@@ -46,6 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from supportlm import setup_logging
+from supportlm.engines import registry
 from supportlm.engines.base import Engine, GenerationSettings
 from supportlm.engines.transformers import TransformersEngine
 from supportlm.errors import SupportLMError
@@ -73,7 +74,7 @@ ORDER_HISTORY_LINE = (
     "Order {n}: two enamel mugs, one bread knife and a linen tea towel, paid by card, delivered "
     "on time to the parcel locker near the station; no complaints about this one."
 )
-BACKEND_CHOICES = ("auto", "transformers", "llama.cpp")
+BACKEND_CHOICES = registry.local_choices()
 
 
 class FirstTokenClock(StoppingCriteria):

@@ -20,7 +20,7 @@ import phonenumbers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from supportlm.serve.redaction import PHONE_REGIONS, redact
+from supportlm.feedback.redaction import PHONE_REGIONS, redact
 
 TEXTS = {
     '"1/" * 2000': "1/" * 2000,

@@ -58,7 +58,7 @@ sys.path.insert(0, str(BENCH_DIR.parent / "src"))
 
 from load import QUESTIONS, free_port, start_app  # noqa: E402
 
-from supportlm.serve.redaction import redact  # noqa: E402
+from supportlm.feedback.redaction import redact  # noqa: E402
 
 TICKET = (
     "Customer: my order #4821 arrived with a broken lid. I want a replacement, not a refund.\n"

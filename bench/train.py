@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace):
     from supportlm.modeling import load_tokenizer
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.dataset import prepare_dataset, stratified_sample
+    from supportlm.train.dataset import prepare_dataset
+    from supportlm.train.sampling import stratified_sample
 
     tokenizer = load_tokenizer(args.model)
     prepared = prepare_dataset(

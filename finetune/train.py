@@ -1,41 +1,9 @@
 """Fine-tune a LoRA adapter for customer service.
 
-    python finetune/train.py [--config finetune/configs/default.yaml] [--flag value ...]
-
-Without `--config` the checked-in default run (finetune/configs/default.yaml) is used. Flags
-override the YAML; `--help` lists every setting. See `supportlm.train.config` and
-`supportlm.train.trainer`.
+The command is `supportlm.cli.train`; ``python -m supportlm train`` runs the same.
 """
 
-from __future__ import annotations
-
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-
-import supportlm
-from supportlm.errors import SupportLMError
-from supportlm.train.config import parse_config
-from supportlm.train.distributed import use_cpu_ranks
-from supportlm.train.run import train
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    supportlm.setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv and not any(arg.startswith("--config=") for arg in argv):
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    use_cpu_ranks()  # `accelerate launch --num_processes N` on a CPU machine: gloo ranks
-    try:
-        config = parse_config(argv)
-        train(config)
-    except SupportLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+from supportlm.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -27,9 +27,9 @@ from test_tasks import FakeEngine
 
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.feedback.retention import erase_conversation, purge_older_than
+from supportlm.feedback.store import FeedbackStore
 from supportlm.serve.assistant import Assistant
-from supportlm.serve.feedback import FeedbackStore
-from supportlm.serve.retention import erase_conversation, purge_older_than
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo, launch_options
 from supportlm.serve.ui.about import adapter_report

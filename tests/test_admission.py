@@ -118,10 +118,11 @@ def test_every_path_that_generates_shares_one_bound(smollm2_tokenizer, tmp_path)
         return list(assistant.chat(request, settings))[-1].text
 
     def summarize(_: int) -> str:
-        return list(assistant.summarize("The parcel is late.", "paragraph", settings))[-1].text
+        return list(assistant.run_task("summarize", "The parcel is late.", settings))[-1].text
 
     def translate(_: int) -> str:
-        return list(assistant.translate("Thank you.", "French", settings))[-1].text
+        answers = assistant.run_task("translate", "Thank you.", settings, target_language="French")
+        return list(answers)[-1].text
 
     with ThreadPoolExecutor(6) as pool:
         jobs = [pool.submit(job, n) for n in range(2) for job in (chat, summarize, translate)]

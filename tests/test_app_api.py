@@ -319,14 +319,14 @@ def test_load_benchmark_through_a_remote_supportlm(tiny_chat_model_dir, repo_roo
     assert report["v1_vs_gradio"] is None  # one protocol: nothing to compare
 
 
-def test_the_readme_api_example_runs(app, repo_root) -> None:
-    """The README's gradio_client example, run as written against this app."""
-    readme = (repo_root / "README.md").read_text()
-    section = readme[readme.index("### Use the app from Python (API)") :]
+def test_the_api_guide_example_runs(app, repo_root) -> None:
+    """The API guide's gradio_client example, run as written against this app."""
+    readme = (repo_root / "docs" / "api.md").read_text()
+    section = readme[readme.index("## Use the app from Python (API)") :]
     code = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
     code = code.replace('"http://127.0.0.1:7860/"', repr(app["url"]))
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/api.md", "exec"), namespace)
     assert isinstance(namespace["reply"], str) and namespace["reply"]
     for name in ("follow_up", "summary", "actions", "french"):
         assert isinstance(namespace[name], str), name

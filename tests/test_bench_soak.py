@@ -41,7 +41,7 @@ def test_the_store_check_finds_cross_talk_and_lost_rows(tmp_path, repo_root, mon
     monkeypatch.syspath_prepend(str(repo_root / "bench"))
     from soak import ClientLog, check_store
 
-    from supportlm.serve.feedback import FeedbackStore, ReplyRecord
+    from supportlm.feedback.store import FeedbackStore, ReplyRecord
 
     store = FeedbackStore(tmp_path / "fb.sqlite3")
     store.add_reply(ReplyRecord("r1", [{"role": "user", "content": "Hi"}], "Hello there"))

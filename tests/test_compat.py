@@ -18,6 +18,7 @@ from supportlm.run_folder import RunFolder, compute_adapter_version
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
 from supportlm.serve.settings import AppSettings
+from supportlm.train.config import run_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_RUN = FIXTURES / "v0-run-folder"
@@ -35,7 +36,7 @@ def test_an_old_run_folder_reads_through_run_folder(old_run: RunFolder) -> None:
     assert old_run.prompt_style().system_prompt == DEFAULT_SYSTEM_PROMPT
     assert old_run.prompt_style().chat_template
     assert old_run.metrics()["global_step"] == 2
-    config = old_run.training_config()  # the old YAML re-parsed with today's dataclasses
+    config = run_config(old_run)  # the old YAML re-parsed with today's dataclasses
     assert (config.lora.lora_r, config.training.max_steps) == (1, 2)
     assert config.data.dataset == "data/customer_support.jsonl"
 

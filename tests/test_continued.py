@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from test_training import REPO_ROOT, tiny_args
 
 from supportlm.errors import SupportLMError
+from supportlm.feedback.export import export_feedback
+from supportlm.feedback.store import FeedbackStore, ReplyRecord
 from supportlm.run_folder import RunFolder
-from supportlm.serve.feedback import FeedbackStore, ReplyRecord
-from supportlm.serve.feedback_export import export_feedback
 from supportlm.train.config import parse_config
 from supportlm.train.run import _load_model, _prepare_data, train
 

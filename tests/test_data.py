@@ -28,10 +28,9 @@ from supportlm.train.dataset import (
     clean_examples,
     normalize_text,
     prepare_dataset,
-    sample_examples,
     split_examples,
-    stratified_sample,
 )
+from supportlm.train.sampling import sample_examples, stratified_sample
 
 BITEXT_CSV = Path("/work/shared/data/bitext-customer-support/train.csv")
 

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from supportlm.prompts import save_prompt_style
 from supportlm.train.data import load_examples
-from supportlm.train.dataset import sample_examples, split_examples
+from supportlm.train.dataset import split_examples
 from supportlm.train.evaluation import METRICS, TRAINING_CONFIG_FILE
+from supportlm.train.sampling import sample_examples
 
 EVALUATE = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
 SYSTEM_PROMPT = "You are the support assistant of a small kitchenware shop."
@@ -174,4 +175,5 @@ def test_llamacpp_engine_on_a_model_it_cannot_serve_is_a_clear_error(
 ):
     argv = ["--model_name_or_path", tiny_model_dir, "--dataset", str(dataset), "--limit", "1"]
     assert evaluate_main([*argv, "--engine", "llama.cpp"]) == 2
-    assert "error: The llama.cpp engine cannot decode here" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "error: --engine=llama.cpp: the llama.cpp engine cannot serve here" in error

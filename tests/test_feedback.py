@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.feedback import SCHEMA_VERSION, FeedbackStore, ReplyRecord
-from supportlm.serve.feedback_export import export_feedback
-from supportlm.serve.review import decide, queue
+from supportlm.feedback.export import export_feedback
+from supportlm.feedback.review import decide, queue
+from supportlm.feedback.store import SCHEMA_VERSION, FeedbackStore, ReplyRecord
 
 CONVERSATION = [
     {"role": "system", "content": "Be helpful."},

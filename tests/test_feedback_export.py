@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.feedback import FeedbackStore, ReplyRecord
-from supportlm.serve.feedback_export import ExportFilter, export_feedback, is_heldout
+from supportlm.feedback.export import ExportFilter, export_feedback, is_heldout
+from supportlm.feedback.store import FeedbackStore, ReplyRecord
 from supportlm.train.data import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -139,7 +139,7 @@ def test_hand_over_intents_are_a_setting(smollm2_tokenizer, tmp_path):
 
 
 def test_a_schema_3_store_gains_the_intent_columns(tmp_path):
-    from supportlm.serve.feedback import MIGRATIONS, FeedbackStore
+    from supportlm.feedback.store import MIGRATIONS, FeedbackStore
 
     path = tmp_path / "feedback.sqlite3"
     with sqlite3.connect(path) as connection:

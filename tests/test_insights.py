@@ -2,8 +2,8 @@
 
 import pytest
 
-from supportlm.serve.feedback import FeedbackStore, ReplyRecord
-from supportlm.serve.insights import by_day, by_version, most_disliked, unhappy_intents
+from supportlm.feedback.insights import by_day, by_version, most_disliked, unhappy_intents
+from supportlm.feedback.store import FeedbackStore, ReplyRecord
 
 
 @pytest.fixture

@@ -73,7 +73,8 @@ def test_models_lists_the_fine_tuned_model_first_then_the_base(client, server):
 
 def test_a_completion_has_the_openai_shape_and_counts_its_tokens(client):
     reply = client.chat.completions.create(model="supportlm", messages=QUESTION, max_tokens=6)
-    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    # The completion id is the stored reply's id, as the Gradio API's /reply gives it.
+    assert reply.object == "chat.completion" and reply.id.startswith("req-")
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 6
@@ -267,12 +268,12 @@ def test_api_replies_take_feedback_by_completion_id(client, server):
         rows = connection.execute(
             "SELECT r.reply, f.kind, f.corrected_answer FROM feedback f "
             "JOIN replies r USING (reply_id) WHERE r.reply_id = ?",
-            ("req-" + reply.id.removeprefix("chatcmpl-"),),
+            (reply.id,),
         ).fetchall()
     assert [tuple(row) for row in rows] == [
         (reply.choices[0].message.content, "correction", "It ships tomorrow.")
     ]
-    unknown = httpx.post(url, json={"id": "chatcmpl-nope", "rating": "like"})
+    unknown = httpx.post(url, json={"id": "req-nope", "rating": "like"})
     assert unknown.status_code == 400
     assert (
         httpx.post(url, json={"id": reply.id, "rating": "meh"}).json()["error"]["param"] == "rating"

@@ -11,9 +11,9 @@ from helpers import save_random_adapter
 from test_training import REPO_ROOT, tiny_args
 
 from supportlm.errors import SupportLMError
+from supportlm.feedback.export import export_feedback, is_heldout
+from supportlm.feedback.store import FeedbackStore, ReplyRecord
 from supportlm.run_folder import RunFolder, latest_run
-from supportlm.serve.feedback import FeedbackStore, ReplyRecord
-from supportlm.serve.feedback_export import export_feedback, is_heldout
 from supportlm.train.config import parse_config
 from supportlm.train.promotion import decide, history, promote, rollback
 from supportlm.train.run import train

@@ -4,8 +4,8 @@ import pytest
 import re2
 from stdnum import luhn
 
-from supportlm.serve import redaction
-from supportlm.serve.redaction import redact, redact_json
+from supportlm.feedback import redaction
+from supportlm.feedback.redaction import redact, redact_json
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,10 @@ def test_streaming_and_stop_strings_pass_through(chain):
 
 def test_summaries_translations_and_compare_run_remotely(chain):
     assistant = chain["assistant"]
-    summary = list(assistant.summarize("My parcel is late. " * 30, "bullets", SETTINGS))[-1]
-    translation = list(assistant.translate("Where is my order?", "French", SETTINGS))[-1]
+    summary = list(assistant.run_task("summarize", "My parcel is late. " * 30, SETTINGS,
+                                      style="bullets"))[-1]  # fmt: skip
+    translation = list(assistant.run_task("translate", "Where is my order?", SETTINGS,
+                                          target_language="French"))[-1]  # fmt: skip
     assert summary.finished and summary.text and translation.finished and translation.text
     base, tuned = list(assistant.compare("Where is my order?", SETTINGS))[-1]
     assert base.text != tuned.text  # the remote base and the remote tuned model
@@ -199,8 +201,8 @@ def test_the_app_serves_through_a_llama_cpp_server(llama_server, tmp_path):
             stream_options={"include_usage": True},
             messages=[{"role": "user", "content": "How do I cancel my order?"}],
         ))  # fmt: skip
-        summary = list(assistant.summarize("My parcel is late and nobody answers. " * 5,
-                                           "paragraph", SETTINGS))[-1]  # fmt: skip
+        summary = list(assistant.run_task("summarize", "My parcel is late and nobody answers. " * 5,
+                                          SETTINGS))[-1]  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() and chunks[-1].usage.completion_tokens <= 24
     assert summary.finished and summary.text.strip()

@@ -9,8 +9,8 @@ import pytest
 from test_abuse import chat, make_assistant
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.feedback_export import export_feedback, is_heldout
-from supportlm.serve.review import decide, provenance, queue
+from supportlm.feedback.export import export_feedback, is_heldout
+from supportlm.feedback.review import decide, provenance, queue
 from supportlm.serve.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from gradio_client import Client
 from helpers import call_event, event_index, login, serving
 from test_abuse import EchoEngine, make_assistant
 
-from supportlm.serve.feedback_export import export_feedback
+from supportlm.feedback.export import export_feedback
 from supportlm.serve.ui import build_demo
 from supportlm.serve.ui.server import create_server
 
@@ -211,7 +211,7 @@ def test_erasure_reaches_exports_and_names_the_adapters_trained_on_them(
 
 
 def test_retention_deletes_old_exports(smollm2_tokenizer, tmp_path):
-    from supportlm.serve.retention import purge_older_than
+    from supportlm.feedback.retention import purge_older_than
 
     assistant = make_assistant(smollm2_tokenizer, tmp_path, auth="ann:pw", agents="ann")
     _, _final = chat_and_like(assistant)

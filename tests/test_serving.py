@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -50,9 +51,43 @@ def test_from_env_defaults(tiny_model_dir: str) -> None:
 def test_every_setting_declares_its_variable_and_its_default_once(tiny_model_dir: str) -> None:
     # from_env reads exactly the declared fields: unset variables leave the declared default.
     assert AppSettings.from_env({}) == AppSettings()
+    envs = [spec.metadata["env"] for spec in dataclasses.fields(AppSettings)]
+    assert all(env.startswith("SUPPORTLM_") for env in envs) and len(set(envs)) == len(envs)
+    assert all(spec.metadata["help"] for spec in dataclasses.fields(AppSettings))
+
+
+def test_every_setting_is_in_exactly_one_group():
+    from supportlm.serve.settings import GROUPS
+
+    grouped = [spec.name for group in GROUPS for spec in dataclasses.fields(group)]
+    assert sorted(grouped) == sorted(spec.name for spec in dataclasses.fields(AppSettings))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SUPPORTLM_CONCURRENCY", "0", "SUPPORTLM_CONCURRENCY must be at least 1, got 0"),
+        ("SUPPORTLM_RATE_LIMIT", "-1", "SUPPORTLM_RATE_LIMIT must be at least 0"),
+        ("SUPPORTLM_BACKEND", "vllm", "'vllm' is not one of auto, llama.cpp, transformers, openai"),
+        ("SUPPORTLM_LLAMACPP_WEIGHTS", "q2", "'q2' is not one of auto, merged"),
+        ("SUPPORTLM_ADAPTER_WATCH_S", "-5", "SUPPORTLM_ADAPTER_WATCH_S must be at least 0"),
+    ],
+)
+def test_a_setting_outside_its_declared_bounds_names_its_variable(variable, value, message):
+    with pytest.raises(SupportLMError, match=re.escape(message)):
+        AppSettings.from_env({variable: value})
+
+
+def test_the_settings_reference_is_generated_from_the_declarations(repo_root):
+    from supportlm.reference import render, stale
+
+    doc = repo_root / "docs" / "settings.md"
+    assert stale([doc, repo_root / "README.md"]) == [], "run: python -m supportlm.reference"
     for spec in dataclasses.fields(AppSettings):
-        assert spec.metadata["env"].startswith("SUPPORTLM_")
-        assert spec.metadata["help"].startswith(spec.metadata["env"])
+        assert f"`{spec.metadata['env']}`" in doc.read_text()
+    # The check can fail: a changed declaration makes the committed block stale.
+    edited = doc.read_text().replace("| 4 | ≥ 1 |", "| 5 | ≥ 1 |")
+    assert edited != doc.read_text() and render(edited) == doc.read_text()
 
 
 def test_a_directly_built_auto_backend_is_resolved_like_the_environment(tiny_model_dir) -> None:

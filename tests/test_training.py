@@ -26,7 +26,7 @@ from supportlm.run_folder import (
     latest_run,
     update_latest,
 )
-from supportlm.train.config import parse_config
+from supportlm.train.config import parse_config, run_config
 from supportlm.train.data import Example
 from supportlm.train.run import train
 from supportlm.train.trainer import (
@@ -340,7 +340,7 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
     check_adapter_base(str(folder), resolve_model(tiny_model_dir))
     run = RunFolder(folder)
     assert run.adapter_version() == compute_adapter_version(folder)  # recorded = the files'
-    typed = run.training_config()
+    typed = run_config(run)
     assert run.lineage() == {
         "method": "sft", "datasets": [typed.data.dataset], "replay": None, "parent": None,
         "feedback_exports": [],
@@ -391,7 +391,7 @@ def test_a_run_on_two_datasets_records_both(tiny_model_dir, tmp_path) -> None:
     assert run.lineage()["datasets"] == [bundled, str(extra)]
     report = json.loads((result.output_dir / "data_report.json").read_text())
     assert report["source"] == f"{bundled} + {extra}"
-    assert run.training_config().data.dataset_weights == "1,2"
+    assert run_config(run).data.dataset_weights == "1,2"
 
 
 def test_the_run_folder_loads_with_plain_peft(tiny_run, tiny_model_dir: str) -> None:

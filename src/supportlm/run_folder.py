@@ -47,7 +47,7 @@ METRICS_FILE = "metrics.json"
 #: The training split's questions and intents, which the app's intent classifier learns from.
 INTENT_QUESTIONS_FILE = "intent_questions.jsonl"
 LOSS_PLOT = "loss.png"
-#: The report of a feedback export (`supportlm.serve.feedback_export`), beside its JSONL files.
+#: The report of a feedback export (`supportlm.feedback.export`), beside its JSONL files.
 FEEDBACK_EXPORT_REPORT = "export.json"
 RUN_FORMAT = 1
 #: The adapter shipped in the repository (`finetune/configs/release.yaml`): served when no run of
@@ -198,18 +198,6 @@ class RunFolder:
             raise SupportLMError(f"{path} is not valid YAML ({error}).") from error
         return settings.get(name) if isinstance(settings, dict) else None
 
-    def training_config(self):
-        """The run's `supportlm.train.config.TrainConfig`, parsed with the training dataclasses."""
-        from supportlm.train.config import parse_config
-
-        path = self.file(TRAINING_CONFIG_FILE)
-        if path is None:
-            return None
-        try:
-            return parse_config(["--config", str(path), "--output_dir", str(self.path)])
-        except SupportLMError as error:
-            raise SupportLMError(f"Could not read {path}: {error}") from error
-
     def metrics(self) -> dict[str, Any] | None:
         return self._json(METRICS_FILE)
 
@@ -234,6 +222,12 @@ class RunFolder:
             "lineage": lineage,
         }
         (self.path / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def apply_prompt_style(tokenizer: Any, adapter: str | os.PathLike | None) -> None:
+    """Serve with the chat template the adapter was trained with, when its folder saved one."""
+    if adapter is not None and RunFolder(adapter).is_adapter():
+        RunFolder(adapter).prompt_style().apply(tokenizer)
 
 
 def compute_adapter_version(folder: Path) -> str:

@@ -24,6 +24,10 @@ from typing import Any
 from supportlm.errors import SupportLMError
 
 
+class EngineError(SupportLMError):
+    """The engine failed to generate, not the request (an API caller gets a 502, not a 400)."""
+
+
 @dataclass
 class GenerationSettings:
     """Decoding settings shared by every backend (Hugging Face names)."""

@@ -16,17 +16,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
+from supportlm.engines.base import (
+    AdapterRef,
+    Engine,
+    EngineError,
+    EventClock,
+    GenerationRequest,
+    StreamEvent,
+)
 from supportlm.errors import SupportLMError
 from supportlm.prompts import neutralize_special_tokens
+
+if TYPE_CHECKING:
+    from supportlm.engines.registry import EngineOptions
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteError(SupportLMError):
+class RemoteError(EngineError):
     """The remote server failed or did not answer in time (a 502/504 for API callers)."""
 
 
@@ -141,3 +151,24 @@ def _reason(error: Exception) -> str:
         if isinstance(body, dict) and body.get("message"):
             return str(body["message"])
     return str(error)
+
+
+def build(options: EngineOptions) -> OpenAIEngine:
+    """The registry's builder: the remote server's models; the local tokenizer (the same
+    model's) caps and counts."""
+    url = options.setting("openai_base_url", None)
+    if not url:
+        raise SupportLMError("SUPPORTLM_BACKEND=openai needs SUPPORTLM_OPENAI_BASE_URL.")
+    # An empty variable reads as unset (the default), so 'none' is how a user says "no tuned model".
+    tuned = options.setting("openai_model", "supportlm") or ""
+    tuned = None if tuned.strip().lower() in ("", "none") else tuned
+    return OpenAIEngine(
+        url,
+        options.tokenizer(),
+        tuned_model=tuned,
+        base_model=options.setting("openai_base_model", None) or tuned or "default",
+        api_key=options.setting("openai_api_key", None),
+        timeout_s=options.setting("openai_timeout_s", 60.0),
+        context_length=options.context_length,
+        max_concurrency=options.concurrency,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -17,7 +17,12 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
+from supportlm.modeling import load_model
 from supportlm.prompts import end_of_turn_token_ids
+from supportlm.run_folder import adapter_ref, apply_prompt_style
+
+if TYPE_CHECKING:
+    from supportlm.engines.registry import EngineOptions
 
 #: Seconds a streamer waits for the next token before giving up on a stuck generation thread.
 STREAM_TIMEOUT_S = 120.0
@@ -93,8 +98,6 @@ class TransformersEngine(Engine):
     @classmethod
     def from_loaded(cls, loaded: Any, *, context_length: int | None = None) -> TransformersEngine:
         """Build from a `supportlm.modeling.LoadedModel`."""
-        from supportlm.run_folder import adapter_ref
-
         return cls(
             loaded.model,
             loaded.tokenizer,
@@ -178,3 +181,12 @@ class TransformersEngine(Engine):
         if streamer.num_tokens >= request.settings.max_new_tokens:
             return "length"
         return "cancelled" if stop_event.is_set() else "stop"
+
+
+def build(options: EngineOptions) -> TransformersEngine:
+    """The registry's builder: on the model already loaded (evaluation), else loaded here."""
+    if options.loaded is not None:
+        return TransformersEngine.from_loaded(options.loaded)
+    loaded = load_model(options.model, adapter=options.adapter)
+    apply_prompt_style(loaded.tokenizer, options.adapter)
+    return TransformersEngine.from_loaded(loaded, context_length=options.context_length)

@@ -30,16 +30,19 @@ from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, GenerationRequest, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.feedback.review import provenance
+from supportlm.feedback.store import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
 from supportlm.placeholders import ShopDetails
 from supportlm.run_folder import PromptStyle, RunFolder
 from supportlm.serve.admission import Admission, RateLimit
+from supportlm.serve.answer import Answer
 from supportlm.serve.conversation import ChatRequest, build_chat_request
 from supportlm.serve.engine_slot import EngineSlot
-from supportlm.serve.feedback import FEEDBACK_KINDS, FeedbackStore, ReplyRecord, open_store
 from supportlm.serve.handover import IntentRouter
 from supportlm.serve.history import cap_text
-from supportlm.serve.review import provenance
-from supportlm.serve.settings import ServingPlan
+from supportlm.serve.plan import ServingPlan
+from supportlm.serve.tasks import task_module
+from supportlm.serve.tasks.common import TaskCall, count_tokens
 from supportlm.serve.throttle import LoginThrottle
 
 logger = logging.getLogger(__name__)
@@ -190,6 +193,26 @@ class Assistant:
                 self._safely(request, finish)
             yield event
 
+    def answer(
+        self,
+        message: str,
+        history: Sequence[Mapping[str, Any]] | None,
+        settings: GenerationSettings,
+        *,
+        system_prompt: str | None = None,
+        use_adapter: bool = True,
+        client_id: str | None = None,
+        conversation_id: str | None = None,
+        store: bool = True,
+    ) -> Iterator[Answer]:
+        """The one chat pipeline, for every surface: cap and fit the conversation (notices),
+        detect the intent (hand-over), admit, generate and store (`chat`)."""
+        chat = self.chat_request(message, history, system_prompt, settings)
+        events = self.chat(chat, settings, use_adapter=use_adapter, client_id=client_id,
+                           conversation_id=conversation_id, store=store)  # fmt: skip
+        for event in events:
+            yield Answer(event, tuple(chat.notices), chat.routing)
+
     def compare(
         self,
         question: str,
@@ -219,60 +242,34 @@ class Assistant:
         with self.slot.lease() as engine:
             yield from self._admitted(start(stop_event, engine), client_id, stop_event)
 
-    def summarize(
+    def run_task(
         self,
+        task: str,
         text: str,
-        style: str,
         settings: GenerationSettings,
         *,
-        progress: Callable[..., Any] | None = None,
         client_id: str | None = None,
-    ) -> Iterator[StreamEvent]:
-        from supportlm.serve.tasks.summarize import summarize
+        progress: Callable[..., Any] | None = None,
+        **options: Any,
+    ) -> Iterator[Answer]:
+        """The one pipeline of a task on a text (`supportlm.serve.tasks`, e.g. ``"summarize"``
+        with ``style=``, ``"translate"`` with ``target_language=``): check and cap the text (a
+        notice says so), then admit and run all of the task's model calls in one slot."""
+        module = task_module(task)
+        if not isinstance(text, str) or not text.strip():
+            raise SupportLMError(f"Please paste or upload the text to {module.VERB}.")
+        text, notice = self.cap(text)
+        notices = (notice,) if notice else ()
+        limit = self.settings.max_model_calls
 
         def start(stop_event: threading.Event, engine: Engine) -> Iterator[StreamEvent]:
-            return summarize(
-                engine,
-                text,
-                style,
-                settings,
-                system_prompt=self.system_prompt,
-                progress=progress,
-                stop_event=stop_event,
-                max_calls=self.settings.max_model_calls,
-            )
+            call = TaskCall(engine, settings, self.system_prompt, progress, stop_event, limit)
+            return module.run(call, text, **options)
 
-        return self._task(start, client_id)
-
-    def translate(
-        self,
-        text: str,
-        target_language: str,
-        settings: GenerationSettings,
-        *,
-        source_language: str = "auto",
-        progress: Callable[..., Any] | None = None,
-        client_id: str | None = None,
-    ) -> Iterator[StreamEvent]:
-        from supportlm.serve.tasks.translate import translate
-
-        def start(stop_event: threading.Event, engine: Engine) -> Iterator[StreamEvent]:
-            return translate(
-                engine,
-                text,
-                target_language,
-                settings,
-                source_language=source_language,
-                progress=progress,
-                stop_event=stop_event,
-                max_calls=self.settings.max_model_calls,
-            )
-
-        return self._task(start, client_id)
+        for event in self._task(start, client_id):
+            yield Answer(event, notices)
 
     def count_tokens(self, text: str) -> int:
-        from supportlm.serve.tasks.common import count_tokens
-
         return count_tokens(self.tokenizer, text)
 
     # -- replies and feedback -------------------------------------------------------------------
@@ -322,7 +319,7 @@ class Assistant:
         if not days or time.monotonic() - self._purged_at < 3600:
             return
         self._purged_at = time.monotonic()
-        from supportlm.serve.retention import purge_older_than
+        from supportlm.feedback.retention import purge_older_than
 
         with contextlib.suppress(SupportLMError):  # logged by _write; replies keep flowing
             self._write(lambda: purge_older_than(self._store(), days), "purge old rows")

@@ -30,7 +30,7 @@ from supportlm.modeling import adapter_base_model, resolve_model, same_model
 from supportlm.run_folder import RunFolder
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
-from supportlm.serve.settings import ServingPlan, default_adapter
+from supportlm.serve.plan import ServingPlan, default_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.errors import SupportLMError
 from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, check_choice, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-from supportlm.run_folder import default_output_dir
+from supportlm.run_folder import TRAINING_CONFIG_FILE, RunFolder, default_output_dir
 from supportlm.train.continued import resolve_init_adapter
 from supportlm.train.data import DEFAULT_DATASET
 from supportlm.train.dataset import check_ratios
@@ -374,3 +374,15 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
     if training.run_name is None or training.run_name == "unset":
         training.run_name = Path(training.output_dir).name
     return TrainConfig(model, data, lora, training)
+
+
+def run_config(run: RunFolder) -> TrainConfig | None:
+    """The `TrainConfig` a run folder recorded, parsed with today's dataclasses: the one reader
+    of ``training_config.yaml`` (None for a folder without one)."""
+    path = run.file(TRAINING_CONFIG_FILE)
+    if path is None:
+        return None
+    try:
+        return parse_config(["--config", str(path), "--output_dir", str(run.path)])
+    except SupportLMError as error:
+        raise SupportLMError(f"Could not read {path}: {error}") from error

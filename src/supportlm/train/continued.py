@@ -8,7 +8,7 @@ silently ignored. Such a run is a *candidate*: it does not move ``outputs/latest
 ``finetune/promote.py`` does, once the candidate has been compared with its parent.
 
 The lineage (``supportlm_run.json``) names the method, the datasets, the parent adapter and its
-version, and for each dataset that is a feedback export (`supportlm.serve.feedback_export`) the
+version, and for each dataset that is a feedback export (`supportlm.feedback.export`) the
 export's hash and row counts, so any adapter can be traced back to the feedback that made it.
 """
 

@@ -9,12 +9,9 @@ and returns a `DataReport` to print before training and save next to the adapter
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import unicodedata
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from supportlm.train.mixture import (
     weigh,
     with_replay,
 )
+from supportlm.train.sampling import sample_examples, sha256_text
 
 logger = logging.getLogger(__name__)
 
@@ -149,44 +147,6 @@ def limit_length(
     return kept
 
 
-def sample_examples(examples: list[Example], max_examples: int) -> list[Example]:
-    """A deterministic sample of `max_examples` examples, in their original order.
-
-    Keeps the examples with the smallest content hash rather than the first ones, because files
-    are often sorted (the Bitext CSV by intent) and the first few hundred would be one intent.
-    """
-    if max_examples < 1:
-        raise SupportLMError(f"max_examples must be at least 1, got {max_examples}.")
-    if len(examples) <= max_examples:
-        return list(examples)
-    chosen = sorted(range(len(examples)), key=lambda i: _sha256(json.dumps(examples[i].messages)))[
-        :max_examples
-    ]
-    return [examples[i] for i in sorted(chosen)]
-
-
-def stratified_sample(examples: list[Example], size: int) -> list[Example]:
-    """A fixed sample of `size` examples, each stratum (intent, else task) in proportion.
-
-    Within a stratum examples are ranked by content hash, and the k-th of n gets the key
-    (k + 0.5) / n: taking the smallest keys gives every stratum its share to within one example.
-    The sample is the same on every run and at every evaluation of a run, so successive
-    validation losses compare checkpoints on the same questions. Kept in the original order.
-    """
-    if len(examples) <= size:
-        return list(examples)
-    strata: dict[str, list[int]] = defaultdict(list)
-    for index, example in enumerate(examples):
-        strata[str(example.meta.get("intent") or example.meta.get("task") or "")].append(index)
-    keys: dict[int, tuple[float, str]] = {}
-    for indices in strata.values():
-        hashes = {i: _sha256(json.dumps(examples[i].messages)) for i in indices}
-        for rank, index in enumerate(sorted(indices, key=hashes.__getitem__)):
-            keys[index] = ((rank + 0.5) / len(indices), hashes[index])
-    chosen = sorted(keys, key=keys.__getitem__)[:size]
-    return [examples[i] for i in sorted(chosen)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Splitting
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +162,7 @@ def assign_split(
     the other examples are and in whatever order they come.
     """
     question = normalize_text(example.first_user_message).casefold()
-    fraction = int(_sha256(question)[:16], 16) / 16**16
+    fraction = int(sha256_text(question)[:16], 16) / 16**16
     if fraction < test_ratio:
         return "test"
     if fraction < test_ratio + validation_ratio:
@@ -232,10 +192,6 @@ def check_ratios(validation_ratio: float, test_ratio: float) -> None:
             f"validation_ratio ({validation_ratio}) and test_ratio ({test_ratio}) must each be "
             "between 0 and 1 and leave some examples for training."
         )
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass

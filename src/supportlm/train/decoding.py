@@ -1,9 +1,9 @@
 """Decoding evaluation answers: on the app's fastest engine, many prompts at once.
 
-`open_decoder` picks the engine the way the app serves on a CPU: llama.cpp when it is installed
-and the base model is a GGUF file (the adapter converted and applied exactly as the app applies
-it, `LlamaCppEngine.from_gguf` with the same weights choice), else the transformers engine on the
-model already loaded for perplexity. `Decoder.decode` keeps an engine's every slot busy: with
+`open_decoder` picks the engine by the app's own rule (`supportlm.engines.registry`) and builds
+it the way the app does: llama.cpp for a GGUF base model on a CPU (the adapter converted and
+applied exactly as served), else the transformers engine on the model already loaded for
+perplexity. `Decoder.decode` keeps an engine's every slot busy: with
 llama.cpp that is `max_concurrency` requests in flight, decoded together by its lanes; the
 transformers engine serves one request at a time, so there it is a plain loop.
 """
@@ -17,12 +17,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from supportlm.engines import registry
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
-from supportlm.errors import SupportLMError
 
 logger = logging.getLogger(__name__)
 
-ENGINE_CHOICES = ("auto", "llama.cpp", "transformers")
+ENGINE_CHOICES = registry.local_choices()
 
 
 @dataclass
@@ -71,42 +71,17 @@ class Decoder:
 def open_decoder(
     choice: str, loaded: Any, *, concurrency: int = 8, context_length: int = 2048
 ) -> Decoder:
-    """The engine `choice` names (``auto``: llama.cpp where it can serve `loaded`'s model)."""
-    if choice not in ENGINE_CHOICES:
-        raise SupportLMError(
-            f"Unknown engine {choice!r}; choose one of {', '.join(ENGINE_CHOICES)}."
-        )
-    why_not = _llamacpp_unusable(loaded)
-    if choice == "llama.cpp" and why_not:
-        raise SupportLMError(f"The llama.cpp engine cannot decode here: {why_not}.")
-    if choice == "transformers" or why_not:
-        from supportlm.engines.transformers import TransformersEngine
-
-        reason = "as asked" if choice == "transformers" else why_not
-        return Decoder(TransformersEngine.from_loaded(loaded), reason, owns_engine=False)
-    from supportlm.engines.llamacpp.engine import LlamaCppEngine
-
-    engine = LlamaCppEngine.from_gguf(
-        loaded.source.gguf_path,
-        loaded.tokenizer,
-        adapter_dir=loaded.adapter,
-        n_seq_max=concurrency,
-        n_ctx=context_length,
-        weights="auto",
+    """The engine `choice` names for `loaded`, chosen by the app's rule (`registry.choose`)."""
+    name, reason = registry.choose(choice, loaded.source.spec, loaded.device, "--engine")
+    options = registry.EngineOptions(
+        model=loaded.source.spec,
+        source=loaded.source,
+        adapter=loaded.adapter,
+        context_length=context_length,
+        concurrency=concurrency,
+        loaded=loaded,
     )
-    reason = "the app's CPU engine, the adapter applied as served"
+    engine = registry.build(name, options)
     logger.info("Decoding with %s (%s), %d at once.", engine.description, reason, concurrency)
-    return Decoder(engine, reason)
-
-
-def _llamacpp_unusable(loaded: Any) -> str | None:
-    """Why llama.cpp cannot decode for `loaded` (None when it can)."""
-    from supportlm.engines.llamacpp import is_available
-
-    if not is_available():
-        return "llama-cpp-python is not installed"
-    if loaded.source.gguf_path is None:
-        return f"{loaded.source.display_name} is not a GGUF model"
-    if loaded.device != "cpu":
-        return f"the model runs on {loaded.device}, where transformers is the app's engine"
-    return None
+    # The transformers engine decodes on `loaded` itself, which its caller still uses.
+    return Decoder(engine, reason, owns_engine=name != "transformers")

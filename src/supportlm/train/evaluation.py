@@ -34,13 +34,15 @@ from supportlm.modeling import LoadedModel, adapter_base_model, load_model
 from supportlm.placeholders import ShopDetails, raw_placeholders
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_prompt
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
+from supportlm.train.config import run_config
 from supportlm.train.data import DEFAULT_DATASET, Example
-from supportlm.train.dataset import prepare_dataset, sample_examples
+from supportlm.train.dataset import prepare_dataset
 from supportlm.train.decoding import Decoder, open_decoder
 from supportlm.train.evaluation_args import EvaluationArguments
 from supportlm.train.intent_eval import intent_report
 from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
 from supportlm.train.mixture import dataset_sources
+from supportlm.train.sampling import sample_examples
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +324,7 @@ def evaluation_inputs(args: EvaluationArguments) -> EvaluationInputs:
         model_spec = model_spec or recorded_base
         run = RunFolder(args.adapter)
         if run.is_adapter():
-            training = run.training_config()
+            training = run_config(run)
             style = run.prompt_style()
         if training is None and args.dataset is None:
             raise SupportLMError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from supportlm.cli import subprocess_command, subprocess_env
 from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import (
@@ -75,14 +75,15 @@ class LoopReport:
 def stage(
     name: str, command: list[str], log: Path, ok: Sequence[int] = (0,), cwd: Path | None = None
 ) -> tuple[float, int]:
-    """Run `command` (a finetune/ script and its flags) in `cwd`, its output in `log`; its
+    """Run `command` (a `supportlm.cli` command and its flags) in `cwd`, its output in `log`; its
     seconds and exit status (one outside `ok` raises)."""
     started = time.perf_counter()
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n== {name}: {' '.join(command)}\n")
         out.flush()
         done = subprocess.run(
-            [sys.executable, str(SCRIPTS_DIR / command[0]), *command[1:]],
+            subprocess_command(*command),
+            env=subprocess_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -107,21 +108,21 @@ def run_loop(settings: LoopSettings) -> LoopReport:
     )
     log = Path(report.log)
     steps = [
-        ("export", ["feedback.py", "--db", settings.db, "export", "--out", report.export,
+        ("export", ["feedback", "--db", settings.db, "export", "--out", report.export,
                     "--heldout_share", str(settings.heldout_share)]),
-        ("train", ["train.py", "--config", settings.train_config, *lora_shape(parent),
+        ("train", ["train", "--config", settings.train_config, *lora_shape(parent),
                    "--init_adapter", report.parent, "--dataset", f"{report.export}/sft.jsonl",
                    "--output_dir", report.candidate,
                    *(["--max_steps", str(settings.max_steps)] if settings.max_steps else []),
                    *(["--replay_dataset", replay] if replay else []), *settings.train_args]),
-        ("evaluate", ["evaluate.py", "--adapter", report.candidate, "--against", report.parent,
+        ("evaluate", ["evaluate", "--adapter", report.candidate, "--against", report.parent,
                       "--limit", str(settings.eval_limit), *SERVED_DECODING]),
     ]  # fmt: skip
     for name, command in steps:
         report.stages_s[name] = stage(name, command, log)[0]
         if name == "export":
             _check_export(Path(report.export))
-    promote = ["promote.py", report.candidate, "--outputs_dir", str(outputs)]
+    promote = ["promote", report.candidate, "--outputs_dir", str(outputs)]
     report.stages_s["promote"], status = stage("promote", promote, log, ok=(0, REFUSED))
     report.promoted = status == 0
     if not report.promoted and settings.force:

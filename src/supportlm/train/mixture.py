@@ -23,6 +23,7 @@ from supportlm.train.data import (
     load_examples,
     resolve_path,
 )
+from supportlm.train.sampling import sample_examples
 
 
 def dataset_sources(dataset: str | Sequence[str]) -> list[str]:
@@ -102,8 +103,6 @@ def weigh(examples: list[Example], sources: Sequence[str], weights: Sequence[flo
     them (the smallest content hashes, `sample_examples`), so the same setting gives the same
     training set on every run.
     """
-    from supportlm.train.dataset import sample_examples
-
     if all(weight == 1 for weight in weights):
         return examples
     weighted: list[Example] = []

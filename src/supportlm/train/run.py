@@ -26,10 +26,11 @@ from supportlm.run_folder import RunFolder, update_latest, writing
 from supportlm.train import distributed
 from supportlm.train.config import TrainConfig
 from supportlm.train.continued import resolve_init_adapter, run_lineage
-from supportlm.train.dataset import PreparedDataset, prepare_dataset, stratified_sample
+from supportlm.train.dataset import PreparedDataset, prepare_dataset
 from supportlm.train.lora import check_lora_shape
 from supportlm.train.output_dir import prepare_output_dir
 from supportlm.train.run_card import write_output_dir
+from supportlm.train.sampling import stratified_sample
 from supportlm.train.trainer import StepTimer, SupportLMTrainer, perplexity, tokenize_examples
 
 logger = logging.getLogger(__name__)

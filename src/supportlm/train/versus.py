@@ -24,6 +24,7 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import load_model, load_tokenizer
 from supportlm.prompts import encode_chat, with_system_prompt
 from supportlm.run_folder import RunFolder
+from supportlm.train.config import run_config
 from supportlm.train.data import Example, load_examples
 from supportlm.train.decoding import open_decoder
 from supportlm.train.evaluation import answer_scores, check_adapter, select_data
@@ -39,7 +40,7 @@ SIDES = ("old", "new")
 def held_out_run(run: RunFolder) -> RunFolder:
     """`run`, or its nearest ancestor, that records the data it was trained on."""
     seen = set()
-    while run.training_config() is None:
+    while run_config(run) is None:
         parent = (run.lineage().get("parent") or {}).get("path")
         if not parent or parent in seen:
             raise SupportLMError(
@@ -121,7 +122,7 @@ def compare_adapters(args: EvaluationArguments) -> dict[str, Any]:
     source = held_out_run(old_run)
     style = source.prompt_style()
     tokenizer = style.apply(load_tokenizer(base))  # the split needs token counts, not the model
-    data = select_data(args, tokenizer, style.system_prompt, source.training_config(), 2048)
+    data = select_data(args, tokenizer, style.system_prompt, run_config(source), 2048)
     feedback_file = args.feedback or default_feedback(new_run)
     groups = {"test": data.examples, "feedback": read_feedback(feedback_file)}
     groups = {name: examples for name, examples in groups.items() if examples}

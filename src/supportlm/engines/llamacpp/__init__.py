@@ -6,8 +6,9 @@
   requests to lanes;
 * `engine`: `LlamaCppEngine`, the `supportlm.engines.base.Engine` on top of them.
 
-Install the optional dependency with ``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install
-"llama-cpp-python==0.3.36"`` (compiles llama.cpp for this CPU; ~11 minutes on 2 cores).
+Install the optional dependency with the README's command (``quickstart:fast-engine``): it
+compiles llama.cpp with portable AVX2 flags, not ``GGML_NATIVE`` (a native build can crash on
+AVX-512/AMX machines), in 4 to 12 minutes on 2 cores.
 """
 
 from __future__ import annotations

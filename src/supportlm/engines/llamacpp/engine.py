@@ -7,7 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
 from supportlm.engines.llamacpp import WEIGHTS_CHOICES, is_available, quiet_llama_cpp_logs
@@ -20,6 +20,9 @@ from supportlm.engines.llamacpp.lanes import Finished, LaneModel, LanePool, Lane
 from supportlm.errors import SupportLMError
 from supportlm.prompts import end_of_turn_token_ids
 from supportlm.run_folder import adapter_ref
+
+if TYPE_CHECKING:
+    from supportlm.engines.registry import EngineOptions
 
 
 def available_cpus() -> int:
@@ -192,8 +195,8 @@ class LlamaCppEngine(Engine):
         """
         if not is_available():
             raise SupportLMError(
-                'The llama.cpp backend needs llama-cpp-python: CMAKE_ARGS="-DGGML_NATIVE=ON" '
-                'pip install "llama-cpp-python==0.3.36".'
+                "The llama.cpp backend needs llama-cpp-python: see the README for the command "
+                "(it compiles llama.cpp, 4 to 12 minutes on 2 cores)."
             )
         if weights not in WEIGHTS_CHOICES:
             raise SupportLMError(
@@ -290,3 +293,22 @@ class LlamaCppEngine(Engine):
             self._llama.llama_adapter_lora_free(self._adapter)
         if self._model:
             self._llama.llama_model_free(self._model)
+
+
+def build(options: EngineOptions) -> LlamaCppEngine:
+    """The registry's builder (`supportlm.engines.registry`)."""
+    if options.source.gguf_path is None:
+        raise SupportLMError(
+            f"The llama.cpp engine needs a GGUF model; {options.model!r} is not one. "
+            "Use SUPPORTLM_BACKEND=transformers."
+        )
+    return LlamaCppEngine.from_gguf(
+        options.source.gguf_path,
+        options.tokenizer(),
+        adapter_dir=options.adapter,
+        n_seq_max=options.concurrency,
+        n_ctx=options.context_length,
+        weights=options.setting("llamacpp_weights", "auto"),
+        n_threads=options.setting("llamacpp_threads", 0) or None,
+        n_lanes=options.setting("llamacpp_lanes", 0) or None,
+    )

@@ -13,8 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
-from supportlm.prompts import encode_chat
-from supportlm.serve.redaction import EMAIL_PATTERN
+from supportlm.feedback.redaction import EMAIL_PATTERN
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat
 
 _PLACEHOLDER = r"\{\{[^{}\n]*\}\}"
 PROTECTED = re2.compile(
@@ -34,6 +34,20 @@ _SENTENCE_END = re2.compile(r"[.!?…。！？][\"'”’)\]]*$")
 
 #: `progress(fraction, description)`; the UI passes a `gr.Progress`.
 ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class TaskCall:
+    """What a task module's ``run(call, text, **options)`` gets from the assistant: the engine
+    of this run's slot, the decoding settings, and the run's limits and signals."""
+
+    engine: Engine
+    settings: GenerationSettings
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    progress: ProgressCallback | None = None
+    stop_event: threading.Event | None = None
+    max_calls: int | None = None
+
 
 #: Tokens kept free in every prompt: a text tokenised inside the chat template can merge
 #: differently at its edges than on its own.

@@ -17,6 +17,7 @@ from supportlm.serve.tasks.common import (
     PROMPT_MARGIN_TOKENS,
     Progress,
     ProgressCallback,
+    TaskCall,
     Usage,
     count_tokens,
     encode,
@@ -29,6 +30,23 @@ from supportlm.serve.tasks.common import (
 #: Share of a summary chunk repeated at the start of the next one, so that a sentence cut by a
 #: chunk boundary is seen whole at least once.
 SUMMARY_OVERLAP = 0.1
+
+#: What the task does to a text, for the assistant's "Please paste or upload the text to ...".
+VERB = "summarise"
+
+
+def run(call: TaskCall, text: str, style: str = "paragraph") -> Iterator[StreamEvent]:
+    """The assistant's entry point (`Assistant.run_task`): `summarize` with the call's limits."""
+    return summarize(
+        call.engine,
+        text,
+        style,
+        call.settings,
+        system_prompt=call.system_prompt,
+        progress=call.progress,
+        stop_event=call.stop_event,
+        max_calls=call.max_calls,
+    )
 
 
 def summarize(

@@ -40,6 +40,7 @@ from supportlm.serve.tasks.common import (
     PROTECTED,
     Progress,
     ProgressCallback,
+    TaskCall,
     Usage,
     count_tokens,
     run_call,
@@ -180,6 +181,27 @@ def _spread(lines: list[str], segment: list[int]) -> dict[int, str]:
 def _needs_model(masked: str) -> bool:
     """Whether anything but markers, punctuation and symbols is left to translate."""
     return any(char.isalpha() for char in _MARKER.sub("", masked))
+
+
+#: What the task does to a text, for the assistant's "Please paste or upload the text to ...".
+VERB = "translate"
+
+
+def run(
+    call: TaskCall, text: str, target_language: str = "French", source_language: str = "auto"
+) -> Iterator[StreamEvent]:
+    """The assistant's entry point (`Assistant.run_task`): `translate` with the call's limits;
+    the translator's own system prompt, not the adapter's (a support agent's persona)."""
+    return translate(
+        call.engine,
+        text,
+        target_language,
+        call.settings,
+        source_language=source_language,
+        progress=call.progress,
+        stop_event=call.stop_event,
+        max_calls=call.max_calls,
+    )
 
 
 def translate(

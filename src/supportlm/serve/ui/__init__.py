@@ -14,7 +14,8 @@ from supportlm.engines.base import Engine
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
 from supportlm.serve.info import public_text
-from supportlm.serve.settings import AppSettings, ServingPlan
+from supportlm.serve.plan import ServingPlan
+from supportlm.serve.settings import AppSettings
 from supportlm.serve.switching import AdapterSwitcher
 from supportlm.serve.ui.about import about_markdown, about_tab
 from supportlm.serve.ui.api import register_api

@@ -21,30 +21,32 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from supportlm.serve.answer import Answer
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.info import serving_info
 from supportlm.serve.switching import AdapterSwitcher
-from supportlm.serve.ui.chat import chat_events
 from supportlm.serve.ui.common import (
     DEFAULTS,
     client_id,
     generation_settings,
     gpu,
+    notify,
     session_id,
     user_errors,
     user_facing,
 )
-from supportlm.serve.ui.summarise import summary_events
-from supportlm.serve.ui.translate import translation_events
 
 
-def _texts(updates: Iterator[tuple]) -> Iterator[str]:
-    """The texts of (text, ...) updates, each new one once (API streams)."""
+def _texts(answers: Iterator[Answer]) -> Iterator[str]:
+    """The texts of a streamed answer, each new one once (API streams); its notices are sent
+    once, as warnings (`gradio_client` status updates)."""
     last = None
-    for text, *_ in user_facing(updates):
-        if text != last:
-            last = text
-            yield text
+    for index, answer in enumerate(user_facing(answers)):
+        if index == 0:
+            notify(list(answer.notices))
+        if answer.text != last:
+            last = answer.text
+            yield last
     if last is None:
         yield ""
 
@@ -55,16 +57,12 @@ class Endpoints:
     def __init__(self, assistant: Assistant) -> None:
         self.assistant = assistant
 
-    def _chat(self, message, history, system_prompt, values, request) -> Iterator[tuple]:
-        return chat_events(
-            self.assistant,
-            message,
-            history,
-            system_prompt,
-            generation_settings(**values),
-            client_id(request, self.assistant.settings),
-            session_id(request, self.assistant.settings),
-        )
+    def _chat(self, message, history, system_prompt, values, request) -> Iterator[Answer]:
+        settings = self.assistant.settings
+        return self.assistant.answer(
+            message, history, generation_settings(**values), system_prompt=system_prompt,
+            client_id=client_id(request, settings), conversation_id=session_id(request, settings),
+        )  # fmt: skip
 
     def chat(
         self,
@@ -114,14 +112,16 @@ class Endpoints:
         without a classifier) and `handover` whether a person takes the conversation over.
         """
         values = dict(temperature=temperature, max_new_tokens=max_new_tokens)
-        updates = self._chat(message, history, system_prompt, values, request)
-        for text, caption_text, reply_id, routing in user_facing(updates):
+        answers = self._chat(message, history, system_prompt, values, request)
+        for index, answer in enumerate(user_facing(answers)):
+            if index == 0:
+                notify(list(answer.notices))
             yield {
-                "reply_id": reply_id,
-                "text": text,
-                "notices": caption_text.split("<small>")[0],
-                "intent": routing.intent if routing else None,
-                "handover": bool(routing and routing.handover),
+                "reply_id": answer.reply_id,
+                "text": answer.text,
+                "notices": "".join(f"⚠️ {notice}  \n" for notice in answer.notices),
+                "intent": answer.intent,
+                "handover": answer.handover,
             }
 
     def feedback(
@@ -164,7 +164,8 @@ class Endpoints:
         """
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         client = client_id(request, self.assistant.settings)
-        yield from _texts(summary_events(self.assistant, text, style, settings, client=client))
+        yield from _texts(self.assistant.run_task("summarize", text, settings, style=style,
+                                                  client_id=client))  # fmt: skip
 
     def translate(
         self,
@@ -183,11 +184,11 @@ class Endpoints:
             max_new_tokens: the longest translation of one part, in tokens.
         """
         settings = generation_settings(max_new_tokens=max_new_tokens, temperature=0.0)
-        events = translation_events(
-            self.assistant, text, target_language, source_language, settings, None,
-            client_id(request, self.assistant.settings),
+        answers = self.assistant.run_task(
+            "translate", text, settings, target_language=target_language,
+            source_language=source_language, client_id=client_id(request, self.assistant.settings),
         )  # fmt: skip
-        yield from _texts(events)
+        yield from _texts(answers)
 
 
 def reload_endpoint(switcher: AdapterSwitcher):

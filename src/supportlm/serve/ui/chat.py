@@ -8,23 +8,19 @@ of the conversation the browser sends back.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.handover import Routing
 from supportlm.serve.ui.common import (
     GenerationControls,
-    caption,
     client_id,
     gpu,
-    notify,
     session_id,
+    shown,
     user_errors,
-    user_facing,
 )
 
 EXAMPLE_QUESTIONS = [
@@ -42,29 +38,12 @@ PRIVACY_NOTICE = (
 )
 
 
-def chat_events(
-    assistant: Assistant,
-    message: str,
-    history: list[dict[str, Any]] | None,
-    system_prompt: str | None,
-    settings: GenerationSettings,
-    client: str | None = None,
-    conversation: str | None = None,
-    store: bool = True,
-) -> Iterator[tuple[str, str, str, Routing | None]]:
-    """(reply text, caption, reply id, detected intent) as the reply streams."""
-    chat = assistant.chat_request(message, history, system_prompt, settings)
-    notices = notify(chat.notices)
-    # The caption names the intent and what detected it (hover: the classifier).
-    intent = ""
-    if chat.routing is not None:
-        title = html.escape(assistant.router.description)
-        intent = f' · <span title="{title}">{chat.routing.caption}</span>'
-    events = assistant.chat(
-        chat, settings, client_id=client, conversation_id=conversation, store=store
-    )
-    for event in events:
-        yield event.text, caption(event, notices) + intent, event.request_id, chat.routing
+def intent_caption(assistant: Assistant, routing: Routing | None) -> str:
+    """The caption's intent, with what detected it on hover (the classifier)."""
+    if routing is None:
+        return ""
+    title = html.escape(assistant.router.description)
+    return f' · <span title="{title}">{routing.caption}</span>'
 
 
 def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
@@ -100,18 +79,15 @@ def chat_tab(assistant: Assistant, max_reply: int) -> gr.Markdown:
         # Named parameters: Gradio injects `request` by its annotation, which *args would hide.
         prompt, settings = controls.read((prompt, temperature, top_p, max_new, penalty))
         index = len(history or []) + 1  # the reply follows the user's new message
-        events = chat_events(
-            assistant,
-            message,
-            history,
-            prompt,
-            settings,
-            client_id(request, assistant.settings),
-            session_id(request, assistant.settings),
-            store=not no_store,
-        )
-        for text, caption_text, reply_id, _ in user_facing(events):
-            yield text, caption_text, {**ids, index: reply_id}
+        answers = assistant.answer(
+            message, history, settings, system_prompt=prompt,
+            client_id=client_id(request, assistant.settings),
+            conversation_id=session_id(request, assistant.settings), store=not no_store,
+        )  # fmt: skip
+        intent = None
+        for text, caption_text, answer in shown(answers):
+            intent = intent if intent is not None else intent_caption(assistant, answer.routing)
+            yield text, caption_text + intent, {**ids, index: answer.reply_id}
 
     gr.ChatInterface(
         respond,

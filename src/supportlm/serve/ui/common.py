@@ -14,6 +14,7 @@ import gradio as gr
 
 from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
+from supportlm.serve.answer import Answer
 from supportlm.serve.identity import conversation_id
 from supportlm.serve.settings import AppSettings
 
@@ -87,20 +88,14 @@ def caption(event: StreamEvent, notices: str = "") -> str:
     return f"{notices}<small>{event.caption()}</small>"
 
 
-def check_text(text: str, what: str) -> None:
-    if not text or not text.strip():
-        raise gr.Error(f"Please paste or upload the text to {what}.")
-
-
-def capped_task_events(
-    assistant: Any, text: str, what: str, start: Callable[[str], Iterator[StreamEvent]]
-) -> Iterator[tuple[str, str]]:
-    """(output so far, caption) of a summarise or translate task on `text`, capped first."""
-    check_text(text, what)
-    text, notice = assistant.cap(text)
-    notices = notify([notice] if notice else [])
-    for event in start(text):
-        yield event.text, caption(event, notices)
+def shown(answers: Iterator[Answer], extra: str = "") -> Iterator[tuple[str, str, Answer]]:
+    """(text so far, caption, answer) of a streamed `Answer`: its notices become toasts (once)
+    and the caption's first lines, `extra` follows the timings."""
+    notices = None
+    for answer in user_facing(answers):
+        if notices is None:
+            notices = notify(list(answer.notices))
+        yield answer.text, caption(answer.event, notices) + extra, answer
 
 
 def client_id(request: gr.Request | None, settings: AppSettings) -> str | None:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import hmac
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from supportlm.run_folder import SCRIPTS_DIR
-from supportlm.serve import insights
+from supportlm.cli import subprocess_command, subprocess_env
+from supportlm.feedback import insights
+from supportlm.feedback.review import decide, queue
 from supportlm.serve.assistant import Assistant
-from supportlm.serve.review import decide, queue
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui.common import signed_in_user, user_errors
 
@@ -93,10 +92,13 @@ class LoopProcess:
                 return f"A loop is already running (log: `{self.log}`)."
             self.log = Path(self.outputs_dir) / "loops" / "from-insights.log"
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, str(SCRIPTS_DIR / "feedback.py"), "--db", str(self.db),
-                       "loop", "--outputs_dir", self.outputs_dir]  # fmt: skip
+            command = subprocess_command(
+                "feedback", "--db", str(self.db), "loop", "--outputs_dir", self.outputs_dir
+            )
             with self.log.open("w") as out:
-                self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+                self.process = subprocess.Popen(
+                    command, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT
+                )
             return f"Started the loop (log: `{self.log}`); the app switches if it is promoted."
 
     def status(self) -> str:

@@ -21,7 +21,8 @@ from starlette.routing import Mount
 from supportlm.errors import SupportLMError
 from supportlm.serve.admission import RateLimit
 from supportlm.serve.assistant import Assistant
-from supportlm.serve.settings import AppSettings, ServingPlan
+from supportlm.serve.plan import ServingPlan
+from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo, launch_options, start_assistant
 from supportlm.serve.ui.guard import GradioGuard
 from supportlm.serve.v1.access import ApiAccess

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.prompts import SUMMARY_STYLES
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
-    capped_task_events,
     client_id,
     generation_settings,
     gpu,
     max_new_tokens_slider,
     read_upload,
+    shown,
     user_errors,
-    user_facing,
 )
 
 SUMMARY_STYLE_LABELS = {
@@ -36,22 +33,6 @@ EXAMPLE_TICKET = (
     "have opened an investigation with the carrier.\n"
     "Customer: OK, but I really need an answer by Wednesday, otherwise please refund me."
 )
-
-
-def summary_events(
-    assistant: Assistant,
-    text: str,
-    style: str,
-    settings: GenerationSettings,
-    progress: Any = None,
-    client: str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """(summary so far, caption); the input is capped first, with a notice."""
-
-    def start(capped: str) -> Iterator[StreamEvent]:
-        return assistant.summarize(capped, style, settings, progress=progress, client_id=client)
-
-    return capped_task_events(assistant, text, "summarise", start)
 
 
 def summarise_tab(assistant: Assistant, max_reply: int) -> None:
@@ -115,10 +96,12 @@ def summarise_tab(assistant: Assistant, max_reply: int) -> None:
     @gpu
     def summarize_ui(value, style_key, max_new_tokens, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         settings = generation_settings(max_new_tokens=int(max_new_tokens))
-        events = summary_events(
-            assistant, value, style_key, settings, progress, client_id(request, assistant.settings)
-        )
-        yield from user_facing(events)
+        answers = assistant.run_task(
+            "summarize", value, settings, style=style_key, progress=progress,
+            client_id=client_id(request, assistant.settings),
+        )  # fmt: skip
+        for text, caption_text, _ in shown(answers):
+            yield text, caption_text
 
     button.click(
         summarize_ui,

@@ -2,46 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import gradio as gr
 
-from supportlm.engines.base import GenerationSettings, StreamEvent
 from supportlm.prompts import LANGUAGES
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.ui.common import (
-    capped_task_events,
     client_id,
     generation_settings,
     gpu,
     max_new_tokens_slider,
-    user_facing,
+    shown,
 )
 
 EXAMPLES = [
     ["Your order {{Order Number}} has shipped and will arrive in 3 days.", "auto", "Spanish"],
     ["Thank you for contacting us. How can I help you today?", "English", "German"],
 ]
-
-
-def translation_events(
-    assistant: Assistant,
-    text: str,
-    target: str,
-    source: str,
-    settings: GenerationSettings,
-    progress: Any = None,
-    client: str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """(translation so far, caption); the input is capped first, with a notice."""
-
-    def start(capped: str) -> Iterator[StreamEvent]:
-        return assistant.translate(
-            capped, target, settings, source_language=source, progress=progress, client_id=client
-        )
-
-    return capped_task_events(assistant, text, "translate", start)
 
 
 def translate_tab(assistant: Assistant, max_reply: int) -> None:
@@ -74,16 +50,13 @@ def translate_tab(assistant: Assistant, max_reply: int) -> None:
         progress=gr.Progress(),  # noqa: B008 (Gradio injects it)
     ):
         settings = generation_settings(max_new_tokens=int(max_new_tokens))
-        events = translation_events(
-            assistant,
-            value,
-            target_language,
-            source_language,
-            settings,
-            progress,
-            client_id(request, assistant.settings),
-        )
-        yield from user_facing(events)
+        answers = assistant.run_task(
+            "translate", value, settings, target_language=target_language,
+            source_language=source_language, progress=progress,
+            client_id=client_id(request, assistant.settings),
+        )  # fmt: skip
+        for text, caption_text, _ in shown(answers):
+            yield text, caption_text
 
     button.click(
         translate_ui,

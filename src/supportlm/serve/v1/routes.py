@@ -23,10 +23,10 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from supportlm.engines.base import GenerationSettings, StreamEvent
-from supportlm.engines.openai_remote import RemoteError
+from supportlm.engines.base import EngineError, GenerationSettings
 from supportlm.errors import SupportLMError
 from supportlm.serve.admission import Busy, QueueFull
+from supportlm.serve.answer import Answer
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.info import public_name
 from supportlm.serve.v1.access import ApiAccess
@@ -58,7 +58,7 @@ def as_api_error(error: BaseException) -> ApiError:
     """Any failure as the OpenAI error it is; unexpected ones are logged under a reference."""
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, RemoteError):
+    if isinstance(error, EngineError):
         return ApiError(502, str(error), type="server_error", code="upstream_error")
     if isinstance(error, QueueFull):
         return ApiError(503, str(error), type="server_error", code="server_overloaded")
@@ -146,7 +146,9 @@ class ChatCompletions:
             first = await self._call(next, events, None)
         except Exception as error:  # each failure becomes its OpenAI error
             return _error_response(as_api_error(error))
-        completion_id = f"chatcmpl-{first.request_id.removeprefix('req-')}"
+        for notice in first.notices:  # no place for them in OpenAI's format: to the log
+            logger.info("API request changed: %s", notice)
+        completion_id = first.reply_id  # what /v1/feedback takes back, as is
         if parsed.stream:
             reply = self._stream(completion_id, parsed, first, events)
             return StreamingResponse(reply, media_type="text/event-stream",
@@ -155,22 +157,17 @@ class ChatCompletions:
             last = await self._call(_last, first, events)
         except Exception as error:
             return _error_response(as_api_error(error))
-        return JSONResponse(completion(completion_id, parsed.model, now(), last))
+        return JSONResponse(completion(completion_id, parsed.model, now(), last.event))
 
-    def _start(self, parsed: ChatCompletionRequest, caller: str | None) -> Iterator[StreamEvent]:
-        chat = self.assistant.chat_request(
-            parsed.message, parsed.history, parsed.system_prompt, parsed.settings
-        )
-        for notice in chat.notices:
-            logger.info("API request changed: %s", notice)
-        return self.assistant.chat(
-            chat, parsed.settings, use_adapter=parsed.use_adapter,
-            client_id=caller, store=self.store,
+    def _start(self, parsed: ChatCompletionRequest, caller: str | None) -> Iterator[Answer]:
+        return self.assistant.answer(
+            parsed.message, parsed.history, parsed.settings, system_prompt=parsed.system_prompt,
+            use_adapter=parsed.use_adapter, client_id=caller, store=self.store,
         )  # fmt: skip
 
     async def _stream(
-        self, completion_id: str, parsed: ChatCompletionRequest, event: StreamEvent | None,
-        events: Iterator[StreamEvent],
+        self, completion_id: str, parsed: ChatCompletionRequest, answer: Answer | None,
+        answers: Iterator[Answer],
     ) -> AsyncIterator[str]:  # fmt: skip
         created, sent = now(), ""
 
@@ -179,7 +176,8 @@ class ChatCompletions:
 
         try:
             yield piece({"role": "assistant", "content": ""})
-            while event is not None:
+            while answer is not None:
+                event = answer.event
                 delta = event.text[len(sent) :] if event.text.startswith(sent) else ""
                 sent += delta
                 if event.finished:
@@ -189,14 +187,14 @@ class ChatCompletions:
                     break
                 if delta:
                     yield piece({"content": delta})
-                event = await self._call(next, events, None)
+                answer = await self._call(next, answers, None)
             yield _sse("[DONE]")
         except Exception as error:  # told to the client, then the stream ends
             yield _sse(as_api_error(error).body())
             yield _sse("[DONE]")
         finally:  # the client left or the reply ended: stop the model, free the slot
             with anyio.CancelScope(shield=True):
-                await self._call(events.close)
+                await self._call(answers.close)
 
     async def feedback(self, request: Request) -> Response:
         """``{"id": completion id, "rating": "like"|"dislike", "correction": text}``."""
@@ -208,9 +206,8 @@ class ChatCompletions:
                     400, "Send {'id': completion id, 'rating' or 'correction'}.", param="id"
                 )
             kind, correction = _feedback_kind(body)
-            reply_id = "req-" + body["id"].removeprefix("chatcmpl-")
             row = await self._call(lambda: self.assistant.record_feedback(
-                kind, reply_id, corrected_answer=correction, client_id=caller))  # fmt: skip
+                kind, body["id"], corrected_answer=correction, client_id=caller))  # fmt: skip
         except Exception as error:
             return _error_response(as_api_error(error))
         return JSONResponse({"id": body["id"], "object": "feedback", "row": row})
@@ -247,7 +244,7 @@ def _feedback_kind(body: dict[str, Any]) -> tuple[str, str | None]:
     return rating, None
 
 
-def _last(first: StreamEvent, events: Iterator[StreamEvent]) -> StreamEvent:
+def _last(first: Answer, events: Iterator[Answer]) -> Answer:
     last = first
     for last in events:  # noqa: B007 (the last event is the whole reply)
         pass

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from supportlm.feedback.store import FeedbackStore
 from supportlm.run_folder import RUN_FILE
-from supportlm.serve.feedback import FeedbackStore
 
 REPLY_IDS = "reply_ids.json"
 

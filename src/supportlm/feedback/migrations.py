@@ -1,4 +1,4 @@
-"""The feedback store's schema as numbered migrations (`supportlm.serve.feedback` applies them).
+"""The feedback store's schema as numbered migrations (`supportlm.feedback.store` applies them).
 
 Migration N (1-based) brings a database from version N-1 to N; a database written by an older
 version is brought up to date when it is opened, one migration per transaction.
@@ -67,7 +67,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE replies ADD COLUMN handover INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX replies_handover ON replies (handover, created_at);
     """,
-    # 5: who gave the feedback, and the trust gate (supportlm.serve.review): a row becomes
+    # 5: who gave the feedback, and the trust gate (supportlm.feedback.review): a row becomes
     # training data when a signed-in agent wrote it or a person approved it.
     """
     ALTER TABLE feedback ADD COLUMN author TEXT;
@@ -86,7 +86,7 @@ MIGRATIONS: tuple[str, ...] = (
     # is a reply this server stored (found by digest), so none was typed by a client. Feedback
     # copies the flag: an unverified history never becomes training data (feedback_export).
     # Rows from before it stay unverified. `exports` lists the export folders written from this
-    # store, so erasure and retention reach those copies too (supportlm.serve.derived).
+    # store, so erasure and retention reach those copies too (supportlm.feedback.derived).
     """
     ALTER TABLE replies ADD COLUMN turn_digest TEXT;
     ALTER TABLE replies ADD COLUMN history_verified INTEGER NOT NULL DEFAULT 0;

@@ -4,7 +4,7 @@ Every reply the server produces is stored with a server-issued reply id and the 
 content version) that wrote it; likes, dislikes, corrections and votes name a reply id, so
 feedback given after an adapter switch still names the adapter that wrote the reply, and
 feedback for a reply the server never issued is refused. Every text a user typed or the model
-wrote passes through `supportlm.serve.redaction.redact` before it reaches the disk.
+wrote passes through `supportlm.feedback.redaction.redact` before it reaches the disk.
 
 The schema has numbered migrations (`MIGRATIONS`): a database written by an older version is
 brought up to date when it is opened, one migration per transaction. The database uses
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.migrations import MIGRATIONS, SCHEMA_VERSION
-from supportlm.serve.redaction import redact, redact_json
+from supportlm.feedback.migrations import MIGRATIONS, SCHEMA_VERSION
+from supportlm.feedback.redaction import redact, redact_json
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class FeedbackStore:
         """Store a like, dislike or correction of the reply `reply_id`; returns the row id.
 
         A correction needs `corrected_answer`: the answer the agent wanted instead. `author` is
-        the signed-in user, `trusted` whether they are an agent (`supportlm.serve.review`).
+        the signed-in user, `trusted` whether they are an agent (`supportlm.feedback.review`).
         """
         if kind not in FEEDBACK_KINDS:
             raise SupportLMError(f"Unknown feedback kind {kind!r}; use one of {FEEDBACK_KINDS}.")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supportlm.errors import SupportLMError
-from supportlm.serve.feedback import FeedbackStore
-from supportlm.serve.settings import AppSettings
+from supportlm.feedback.store import FeedbackStore
+
+if TYPE_CHECKING:  # the app's settings name the agents; this package never imports the app
+    from supportlm.serve.settings import AppSettings
 
 GATES = ("agent", "approved", "pending", "rejected")
 PASSING = ("agent", "approved")

@@ -16,12 +16,12 @@ One export is a folder:
   correction, or a liked reply) and ``rejected`` the reply it replaced; `finetune/evaluate.py
   --against` scores new vs old adapters on it;
 * ``reply_ids.json``: for each line of each file, the stored replies it came from, so erasing
-  a conversation removes its lines here too (`supportlm.serve.derived`);
+  a conversation removes its lines here too (`supportlm.feedback.derived`);
 * ``export.json``: what was exported and from what (counts by kind, adapter version, intent; how
   many rows each trust gate let through; the filters; the rows of each file and a content hash of
   the export), which training records in its lineage; ``export.md`` says the same for people.
 
-Only trusted feedback is exported (`supportlm.serve.review`): from a signed-in agent, or approved
+Only trusted feedback is exported (`supportlm.feedback.review`): from a signed-in agent, or approved
 by a person; pending and rejected rows are counted in the report and left out of every file,
 held-out feedback included (an untrusted correction must not decide a promotion either).
 
@@ -45,11 +45,11 @@ from typing import Any
 
 from supportlm.cache import atomic_target
 from supportlm.errors import SupportLMError
+from supportlm.feedback import derived
+from supportlm.feedback.redaction import redact
+from supportlm.feedback.review import GATES, PASSING, gate
+from supportlm.feedback.store import FeedbackStore, last_question
 from supportlm.run_folder import FEEDBACK_EXPORT_REPORT
-from supportlm.serve import derived
-from supportlm.serve.feedback import FeedbackStore, last_question
-from supportlm.serve.redaction import redact
-from supportlm.serve.review import GATES, PASSING, gate
 
 FILES = ("sft", "kto", "dpo", "heldout")
 HELDOUT_SALT = "supportlm-feedback-heldout:"
@@ -84,7 +84,7 @@ class Signal:
     created_at: str
     choice: str | None = None  # a vote's choice
     other: str | None = None  # a vote's other answer (the winner, or the second bad one)
-    gate: str = "pending"  # supportlm.serve.review.GATES
+    gate: str = "pending"  # supportlm.feedback.review.GATES
     reply_ids: tuple[str, ...] = ()  # the stored replies it came from (erasure reaches it)
 
     @property

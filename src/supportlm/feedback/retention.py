@@ -2,7 +2,7 @@
 
 Both delete the feedback and votes that name a reply together with the reply, in one transaction,
 so no row is left pointing at a reply that is gone; then the copies in feedback exports follow
-(`supportlm.serve.derived`): erasure removes their lines, retention deletes old exports whole.
+(`supportlm.feedback.derived`): erasure removes their lines, retention deletes old exports whole.
 ``python finetune/feedback.py erase`` and ``... purge`` run them from the command line; the app
 purges at start-up and once an hour when ``SUPPORTLM_RETENTION_DAYS`` is set.
 """
@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from supportlm.errors import SupportLMError
-from supportlm.serve import derived
-from supportlm.serve.feedback import FeedbackStore
+from supportlm.feedback import derived
+from supportlm.feedback.store import FeedbackStore
 
 _TABLES = ("feedback", "votes", "replies")
 
@@ -22,7 +22,7 @@ _TABLES = ("feedback", "votes", "replies")
 def _delete(store: FeedbackStore, replies_where: str, value: str, rows_where: str) -> dict:
     """Delete the replies matching `replies_where`, the rows naming them, and the feedback and
     votes matching `rows_where` (both use ``:value``), then their lines in every export
-    (`supportlm.serve.derived.scrub`); returns how many rows each table lost and which exports
+    (`supportlm.feedback.derived.scrub`); returns how many rows each table lost and which exports
     changed (``exports_scrubbed``)."""
     selected = f"SELECT reply_id FROM replies WHERE {replies_where}"
     statements = {

@@ -5,7 +5,7 @@
 * the same per day and version, for the plots;
 * the most disliked or corrected questions, and intents by their share of unhappy replies.
 
-Every figure counts all feedback, trusted or not: the trust gate (`supportlm.serve.review`)
+Every figure counts all feedback, trusted or not: the trust gate (`supportlm.feedback.review`)
 decides what becomes training data, not what a team gets to see.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supportlm.serve.feedback import FeedbackStore
-from supportlm.serve.review import rated_question
+from supportlm.feedback.review import rated_question
+from supportlm.feedback.store import FeedbackStore
 
 #: A reply's feedback, one row per reply: the day, version and intent with its counts.
 _PER_REPLY = """
