@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,17 @@ from load import QUESTIONS  # noqa: E402  (the load test's questions)
 #: (inter_threads, intra_threads) layouts of CTranslate2 on this 2-core machine.
 CT2_LAYOUTS = ((1, 2), (2, 1), (4, 1))
 
-Answer = Callable[[list[int]], tuple[int, float]]  # prompt ids -> (tokens, TTFT s)
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question as chat messages (what the app's engine takes) and as token ids (what the
+    raw candidates take), encoded once by the app's prompt module."""
+
+    messages: list[dict[str, str]]
+    ids: list[int]
+
+
+Answer = Callable[[Prompt], tuple[int, float]]  # a prompt -> (tokens, TTFT s)
 
 
 def llamacpp_answerer(adapter: str, settings: GenerationSettings) -> tuple[Answer, str, Any]:
@@ -57,9 +68,9 @@ def llamacpp_answerer(adapter: str, settings: GenerationSettings) -> tuple[Answe
 
     engine = build_app_engine("embedded", adapter, "llama.cpp", SUPPORTLM_CONCURRENCY="8")
 
-    def answer(prompt_ids: list[int]) -> tuple[int, float]:
+    def answer(prompt: Prompt) -> tuple[int, float]:
         start, first = time.perf_counter(), None
-        for event in engine.stream(engine.request(prompt_ids, settings)):
+        for event in engine.stream(engine.request(prompt.messages, settings)):
             if first is None and event.text:
                 first = time.perf_counter() - start
         return event.num_tokens, first or 0.0
@@ -97,7 +108,8 @@ def ct2_answerer(
     end_ids = end_of_turn_token_ids(tokenizer)
     end_tokens = tokenizer.convert_ids_to_tokens(end_ids)
 
-    def answer(prompt_ids: list[int]) -> tuple[int, float]:
+    def answer(prompt: Prompt) -> tuple[int, float]:
+        prompt_ids = prompt.ids
         start, first, tokens = time.perf_counter(), None, 0
         for step in generator.generate_tokens(
             tokenizer.convert_ids_to_tokens(prompt_ids),
@@ -129,7 +141,8 @@ def ort_answerer(
     model = og.Model(str(model_dir))
     end_ids = set(end_of_turn_token_ids(tokenizer))
 
-    def answer(prompt_ids: list[int]) -> tuple[int, float]:
+    def answer(prompt: Prompt) -> tuple[int, float]:
+        prompt_ids = prompt.ids
         params = og.GeneratorParams(model)
         params.set_search_options(
             do_sample=False, max_length=len(prompt_ids) + settings.max_new_tokens,
@@ -208,7 +221,8 @@ def ort_engine_answerer(
     scheduler = OrtScheduler(model, settings)
     end_ids = set(end_of_turn_token_ids(tokenizer))
 
-    def answer(prompt_ids: list[int]) -> tuple[int, float]:
+    def answer(prompt: Prompt) -> tuple[int, float]:
+        prompt_ids = prompt.ids
         start, first, count = time.perf_counter(), None, 0
         tokens = scheduler.submit(prompt_ids)
         while (token := tokens.get()) is not None:
@@ -221,7 +235,7 @@ def ort_engine_answerer(
     return answer, description, scheduler
 
 
-def run_phase(answer: Answer, prompts: list[list[int]], clients: int, stagger_s: float) -> dict:
+def run_phase(answer: Answer, prompts: list[Prompt], clients: int, stagger_s: float) -> dict:
     results: list[tuple[int, float]] = []
     lock = threading.Lock()
 
@@ -251,7 +265,7 @@ def run_phase(answer: Answer, prompts: list[list[int]], clients: int, stagger_s:
     }
 
 
-def measure(answer: Answer, description: str, prompts: list[list[int]], args) -> dict:
+def measure(answer: Answer, description: str, prompts: list[Prompt], args) -> dict:
     answer(prompts[0])  # warm-up
     one = run_phase(answer, prompts[: args.questions], 1, 0.0)
     many = run_phase(answer, prompts[: args.questions], args.clients, args.stagger_s)
@@ -286,10 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tokenizer = load_tokenizer("embedded")
     system_prompt = RunFolder(args.adapter).prompt_style().system_prompt
-    prompts = [
-        encode_chat(tokenizer, with_system_prompt([{"role": "user", "content": q}], system_prompt))
-        for q in QUESTIONS
-    ]
+    chats = [with_system_prompt([{"role": "user", "content": q}], system_prompt) for q in QUESTIONS]
+    prompts = [Prompt(chat, encode_chat(tokenizer, chat)) for chat in chats]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = ct2_model(args.adapter, args.work_dir)

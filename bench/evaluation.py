@@ -67,10 +67,10 @@ def shared_words(a: str, b: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from supportlm.prompts import encode_chat, with_system_prompt
-    from supportlm.train.decoding import open_decoder
-    from supportlm.train.evaluation import evaluation_inputs
-    from supportlm.train.evaluation_args import EvaluationArguments
+    from supportlm.prompts import with_system_prompt
+    from supportlm.train.judge.arguments import EvaluationArguments
+    from supportlm.train.judge.decoding import open_decoder
+    from supportlm.train.judge.evaluation import evaluation_inputs
 
     options = {"adapter": args.adapter, "dataset": args.dataset, "limit": args.limit}
     if args.max_new_tokens is not None:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     conversations = [
         with_system_prompt(e.messages, inputs.system_prompt) for e in inputs.data.examples
     ]
-    prompts = [encode_chat(loaded.tokenizer, c[:-1]) for c in conversations]
+    prompts = [conversation[:-1] for conversation in conversations]
     settings = eval_args.generation_settings()
     results = {}
     for name, choice in (("transformers", "transformers"), ("fast", "llama.cpp")):

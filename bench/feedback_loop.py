@@ -53,7 +53,7 @@ from load import free_port, start_app  # noqa: E402
 
 from supportlm.placeholders import ShopDetails  # noqa: E402
 from supportlm.run_folder import RunFolder, point_latest  # noqa: E402
-from supportlm.train.feedback_loop import stage  # noqa: E402
+from supportlm.train.release.feedback_loop import stage  # noqa: E402
 
 SHOP = REPO_ROOT / "data" / "shop.yaml"
 #: The starting adapter is meant to be weak on purpose (30 steps), and it is trained with the
@@ -86,7 +86,7 @@ def start_adapter(args: argparse.Namespace, rows: list[dict[str, str]]) -> tuple
         kept = write_without(rows, args.intents, data)
         print(f"starting adapter: {kept} rows without {', '.join(args.intents)}", flush=True)
         command = [
-            "train.py", "--config", str(Path(args.start_config).resolve()),
+            "train", "--config", str(Path(args.start_config).resolve()),
             "--dataset", str(data), "--max_steps", str(args.start_steps),
             "--output_dir", str(adapter), *START_SETTINGS,
             *(["--model_name_or_path", args.model] if args.model else []),

@@ -17,9 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from supportlm.placeholders import ShopDetails  # noqa: E402
-from supportlm.train.data import Example  # noqa: E402
-from supportlm.train.dataset import assign_split  # noqa: E402
-from supportlm.train.metrics import chrf, rouge_l  # noqa: E402
+from supportlm.train.data.dataset import assign_split  # noqa: E402
+from supportlm.train.data.examples import Example  # noqa: E402
+from supportlm.train.judge.metrics import chrf, rouge_l  # noqa: E402
 
 BITEXT = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
 

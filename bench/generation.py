@@ -38,7 +38,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +170,7 @@ def bench_baseline(
 
 def bench_engine(
     engine: Engine,
-    prompt_ids: list[int],
-    long_ids: list[int],
+    prompts: Prompts,
     settings: GenerationSettings,
     runs: int,
     *,
@@ -189,7 +188,7 @@ def bench_engine(
 
     def generate() -> Run:
         start = time.perf_counter()
-        event = engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
+        event = engine.generate(engine.request(prompts.chat, settings, use_adapter=use_adapter))
         total = time.perf_counter() - start
         ttft = event.time_to_first_token or total
         return Run(ttft, decode_rate(event.num_tokens, total, ttft), event.num_tokens)
@@ -198,7 +197,7 @@ def bench_engine(
         # Timed where the UI sees the text: after the engine's queue and detokenisation.
         start = time.perf_counter()
         first_text_at = None
-        for event in engine.stream(engine.request(prompt_ids, settings, use_adapter=use_adapter)):
+        for event in engine.stream(engine.request(prompts.chat, settings, use_adapter=use_adapter)):
             if first_text_at is None and event.text:
                 first_text_at = time.perf_counter()
         total = time.perf_counter() - start
@@ -206,7 +205,8 @@ def bench_engine(
         return Run(ttft, decode_rate(event.num_tokens, total, ttft), event.num_tokens)
 
     def prefill_seconds() -> float:
-        event = engine.generate(engine.request(long_ids, one_token, use_adapter=use_adapter))
+        request = engine.request(prompts.long_chat, one_token, use_adapter=use_adapter)
+        event = engine.generate(request)
         return event.time_to_first_token or event.elapsed
 
     adapter = ", adapter off" if engine.has_adapter and not use_adapter else ""
@@ -214,7 +214,7 @@ def bench_engine(
     if streaming:
         cases[f"{engine.description} (stream{adapter})"] = stream
     measurements = list(
-        measure_cases(cases, prefill_seconds, len(long_ids), runs, PeakRSS()).values()
+        measure_cases(cases, prefill_seconds, len(prompts.long_ids), runs, PeakRSS()).values()
     )
     return measurements[0], measurements[1] if streaming else None
 
@@ -276,22 +276,32 @@ def bench_llamacpp(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_prompts(
-    tokenizer: Any, system_prompt: str, long_prompt_tokens: int
-) -> tuple[list[int], list[int], str]:
-    """The short chat prompt, a long one of about `long_prompt_tokens` tokens, and its message."""
+@dataclass
+class Prompts:
+    """The short chat and a long one, as messages (the app's engines) and token ids (the raw
+    baselines), and the long chat's message (the HTTP bench)."""
 
-    def encode(message: str) -> list[int]:
-        chat = with_system_prompt([{"role": "user", "content": message}], system_prompt)
-        return encode_chat(tokenizer, chat)
+    chat: list[dict[str, str]]
+    long_chat: list[dict[str, str]]
+    ids: list[int]
+    long_ids: list[int]
+    long_message: str
+
+
+def build_prompts(tokenizer: Any, system_prompt: str, long_prompt_tokens: int) -> Prompts:
+    """The short chat, and a long one of about `long_prompt_tokens` tokens."""
+
+    def chat(message: str) -> list[dict[str, str]]:
+        return with_system_prompt([{"role": "user", "content": message}], system_prompt)
 
     history: list[str] = []
     while True:
         history.append(ORDER_HISTORY_LINE.format(n=len(history) + 1))
         message = "My order history:\n" + "\n".join(history) + "\n\n" + QUESTION
-        long_ids = encode(message)
+        long_ids = encode_chat(tokenizer, chat(message))
         if len(long_ids) >= long_prompt_tokens:
-            return encode(QUESTION), long_ids, message
+            short = chat(QUESTION)
+            return Prompts(short, chat(message), encode_chat(tokenizer, short), long_ids, message)
 
 
 def build_app_engine(model: str, adapter: str | None, backend: str, **overrides: str) -> Engine:
@@ -325,7 +335,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.adapter
         else (DEFAULT_SYSTEM_PROMPT)
     )
-    prompt_ids, long_ids, long_message = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
+    prompts = build_prompts(tokenizer, system_prompt, args.prompt_tokens)
+    prompt_ids, long_ids, long_message = prompts.ids, prompts.long_ids, prompts.long_message
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(
         f"Model {source.display_name}; adapter {args.adapter or 'none'}; prompt "
@@ -344,13 +355,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     engine = build_app_engine(args.model, args.adapter, args.backend)
     try:
         results["app"], results["app_streaming"] = bench_engine(
-            engine, prompt_ids, long_ids, settings, args.runs
+            engine, prompts, settings, args.runs
         )
         results["app_no_adapter"] = (
             bench_engine(
                 engine,
-                prompt_ids,
-                long_ids,
+                prompts,
                 settings,
                 args.runs,
                 use_adapter=False,
@@ -371,7 +381,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 context_length=engine.context_length,
             )
             results["app_merged"] = bench_engine(
-                merged, prompt_ids, long_ids, settings, args.runs, streaming=False
+                merged, prompts, settings, args.runs, streaming=False
             )[0]
             del merged
     finally:
@@ -384,7 +394,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         try:
             results["app_unmerged"] = bench_engine(
-                unmerged, prompt_ids, long_ids, settings, args.runs, streaming=False
+                unmerged, prompts, settings, args.runs, streaming=False
             )[0]
         finally:
             unmerged.close()

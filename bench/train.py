@@ -13,8 +13,8 @@ model and training split, with the same batch size, learning rate and number of 
   prompt/completion form, whose default ``completion_only_loss`` supervises the last assistant
   answer (every example of the Bitext data is single-turn). Only bf16 is turned off: it is
   emulated on this CPU and would make TRL several times slower;
-* ours: `supportlm.train.trainer.train` with its defaults (group by length, supervised-only head,
-  one thread per physical core, no activation checkpointing, micro-batches of
+* ours: `supportlm.train.fit.trainer.train` with its defaults (group by length, supervised-only
+  head, one thread per physical core, no activation checkpointing, micro-batches of
   ``--micro_batch_size`` accumulated to ``--batch_size``), validating a fixed stratified sample of
   ``--eval_examples`` every ``--eval_steps`` steps, as a default run does;
 * packed: ours with TRL's best-fit packing (``packing``: conversations packed into sequences of
@@ -67,7 +67,7 @@ MEMORY_VARIANTS = ("qlora", "lora16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from supportlm.train.data import DEFAULT_DATASET
+    from supportlm.train.data.examples import DEFAULT_DATASET
 
     default_dataset = str(BITEXT_CSV) if BITEXT_CSV.is_file() else DEFAULT_DATASET
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,17 +102,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace):
     from supportlm.modeling import load_tokenizer
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.dataset import prepare_dataset
-    from supportlm.train.sampling import stratified_sample
+    from supportlm.train.data.arguments import DataArguments
+    from supportlm.train.data.dataset import prepare_dataset
+    from supportlm.train.data.sampling import stratified_sample
 
     tokenizer = load_tokenizer(args.model)
-    prepared = prepare_dataset(
-        args.dataset,
-        tokenizer,
-        system_prompt=DEFAULT_SYSTEM_PROMPT,
-        max_seq_length=args.max_seq_length,
-        max_examples=args.max_examples,
+    data = DataArguments(
+        dataset=args.dataset, max_seq_length=args.max_seq_length, max_examples=args.max_examples
     )
+    prepared = prepare_dataset(data, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
     # The sample our trainer validates on with max_eval_examples = eval_examples: the same rows.
     validation = stratified_sample(prepared.splits["validation"], args.eval_examples)
     return tokenizer, prepared.splits["train"], validation
@@ -127,7 +125,7 @@ def load_base(args: argparse.Namespace):
 
 
 def lora_config():
-    from supportlm.train.lora import LoraArguments
+    from supportlm.train.fit.lora import LoraArguments
 
     return LoraArguments().to_peft_config()
 
@@ -189,7 +187,7 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
     from peft import get_peft_model
 
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.trainer import tokenize_examples
+    from supportlm.train.fit.trainer import tokenize_examples
 
     tokenizer, train_examples, validation = prepare(args)
     train_set = tokenize_examples(train_examples, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
@@ -230,7 +228,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, with_system_prompt
-    from supportlm.train.trainer import StepTimer, tokenize_examples
+    from supportlm.train.fit.trainer import StepTimer, tokenize_examples
 
     tokenizer, train_examples, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
@@ -288,9 +286,9 @@ def run_ours(
     args: argparse.Namespace, quantization: str | None = None, packed: bool = False
 ) -> dict[str, Any]:
     from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-    from supportlm.train.config import parse_config
-    from supportlm.train.run import train
-    from supportlm.train.trainer import tokenize_examples
+    from supportlm.train.fit.config import parse_config
+    from supportlm.train.fit.run import train
+    from supportlm.train.fit.trainer import tokenize_examples
 
     tokenizer, train_examples, validation = prepare(args)
     val_set = tokenize_examples(validation, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)

@@ -57,9 +57,9 @@ def save_random_adapter(
     return folder
 
 
-def answer(engine, prompt_ids, settings, *, use_adapter: bool = True):
-    """The whole reply of `engine` to `prompt_ids` (the served adapter, or the base)."""
-    return engine.generate(engine.request(prompt_ids, settings, use_adapter=use_adapter))
+def answer(engine, messages, settings, *, use_adapter: bool = True):
+    """The whole reply of `engine` to the chat `messages` (the served adapter, or the base)."""
+    return engine.generate(engine.request(messages, settings, use_adapter=use_adapter))
 
 
 def free_port() -> int:

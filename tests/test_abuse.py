@@ -29,12 +29,13 @@ from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
 from supportlm.feedback.retention import erase_conversation, purge_older_than
 from supportlm.feedback.store import FeedbackStore
+from supportlm.prompts import encode_chat
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo, launch_options
 from supportlm.serve.ui.about import adapter_report
 from supportlm.serve.ui.common import read_upload, user_facing
-from supportlm.train.data import load_examples
+from supportlm.train.data.examples import load_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = GenerationSettings(max_new_tokens=8, temperature=0.0)
@@ -114,7 +115,7 @@ def test_a_400_turn_history_costs_as_many_tokenizer_calls_as_a_short_one(
         ]
         request = assistant.chat_request("And now?", history, None, SETTINGS)
         budget = assistant.context_length - SETTINGS.max_new_tokens
-        assert len(request.prompt_ids) <= budget
+        assert len(encode_chat(smollm2_tokenizer, request.messages)) <= budget
         assert any("oldest turns were left out" in notice for notice in request.notices)
         return counting.calls, request.messages
 

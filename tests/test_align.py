@@ -15,7 +15,7 @@ from trl.trainer.utils import use_adapter
 from supportlm.errors import SupportLMError
 from supportlm.prompts import neutralize_special_tokens
 from supportlm.run_folder import RunFolder
-from supportlm.train.align import (
+from supportlm.train.fit.align import (
     AlignArguments,
     align,
     build_trainer,
@@ -23,8 +23,8 @@ from supportlm.train.align import (
     prepare_rows,
     read_rows,
 )
-from supportlm.train.config import parse_config
-from supportlm.train.run import train
+from supportlm.train.fit.config import parse_config
+from supportlm.train.fit.run import train
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from gradio_client.utils import StatusUpdate
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 from supportlm.engines.transformers import TransformersEngine
 from supportlm.modeling import load_model
-from supportlm.prompts import encode_chat, with_system_prompt
+from supportlm.prompts import with_system_prompt
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.settings import AppSettings
 from supportlm.serve.ui import build_demo
@@ -120,8 +120,7 @@ def test_chat_uses_the_history(app, client: Client) -> None:
         [*history, {"role": "user", "content": "Refund please"}],
         app["assistant"].system_prompt,
     )
-    prompt_ids = encode_chat(engine.tokenizer, messages)
-    request = engine.request(prompt_ids, GenerationSettings(max_new_tokens=12))
+    request = engine.request(messages, GenerationSettings(max_new_tokens=12))
     expected = engine.generate(request).text
     assert with_history == expected
 
@@ -214,7 +213,7 @@ def test_stop_stops_the_model_not_just_the_stream(app, client: Client) -> None:
     # The same greedy request, left alone, really runs to max_new_tokens.
     generation = GenerationSettings(max_new_tokens=max_new_tokens)
     chat = app["assistant"].chat_request(question, [], None, generation)
-    assert engine.generate(engine.request(chat.prompt_ids, generation)).finish_reason == "length"
+    assert engine.generate(engine.request(chat.messages, generation)).finish_reason == "length"
 
 
 def test_api_endpoints_are_documented(client: Client) -> None:

@@ -18,7 +18,7 @@ from supportlm.run_folder import RunFolder, compute_adapter_version
 from supportlm.serve.assistant import Assistant
 from supportlm.serve.backends import build_engine
 from supportlm.serve.settings import AppSettings
-from supportlm.train.config import run_config
+from supportlm.train.fit.config import run_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_RUN = FIXTURES / "v0-run-folder"

@@ -13,7 +13,7 @@ import yaml
 
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import run_name
-from supportlm.train.config import TrainConfig, parse_config
+from supportlm.train.fit.config import TrainConfig, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "finetune" / "configs").glob("*.yaml"))
 

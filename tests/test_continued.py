@@ -14,8 +14,8 @@ from supportlm.errors import SupportLMError
 from supportlm.feedback.export import export_feedback
 from supportlm.feedback.store import FeedbackStore, ReplyRecord
 from supportlm.run_folder import RunFolder
-from supportlm.train.config import parse_config
-from supportlm.train.run import _load_model, _prepare_data, train
+from supportlm.train.fit.config import parse_config
+from supportlm.train.fit.run import _load_model, _prepare_data, train
 
 BUNDLED = str(REPO_ROOT / "data" / "customer_support.jsonl")
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import RunFolder, writing
-from supportlm.train.output_dir import is_complete, prepare_output_dir
+from supportlm.train.fit.output_dir import is_complete, prepare_output_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KILLER = REPO_ROOT / "tests" / "scripts" / "kill_at_checkpoint.py"

@@ -22,15 +22,16 @@ from supportlm.prompts import (
     tokenize_conversation,
     with_system_prompt,
 )
-from supportlm.train.data import DEFAULT_DATASET, REPO_ROOT, SHAPES, Example, load_examples
-from supportlm.train.dataset import (
+from supportlm.train.data.arguments import DataArguments
+from supportlm.train.data.dataset import (
     assign_split,
     clean_examples,
     normalize_text,
     prepare_dataset,
     split_examples,
 )
-from supportlm.train.sampling import sample_examples, stratified_sample
+from supportlm.train.data.examples import DEFAULT_DATASET, REPO_ROOT, SHAPES, Example, load_examples
+from supportlm.train.data.sampling import sample_examples, stratified_sample
 
 BITEXT_CSV = Path("/work/shared/data/bitext-customer-support/train.csv")
 
@@ -56,7 +57,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def write_csv(path: Path, records: list[dict]) -> Path:
-    """CSV with chat turns stored as JSON cells, the way `supportlm.train.data` reads them."""
+    """CSV with chat turns stored as JSON cells, as `supportlm.train.data.examples` reads them."""
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=list(records[0]))
         writer.writeheader()
@@ -268,7 +269,7 @@ def test_unreachable_hub_dataset_is_a_clear_error():
     # A subprocess, because the Hub's offline switch is read when huggingface_hub is imported;
     # offline, the failure is immediate instead of retried for half a minute.
     script = (
-        "from supportlm.train.data import load_examples\n"
+        "from supportlm.train.data.examples import load_examples\n"
         "from supportlm.errors import SupportLMError\n"
         "try:\n"
         "    load_examples('no-such-owner/no-such-dataset')\n"
@@ -470,9 +471,8 @@ def test_prepare_dataset_reports_every_step(tmp_path, tokenizer):
     with path.open("a") as file:
         file.write("not json\n")
 
-    prepared = prepare_dataset(
-        path, tokenizer, system_prompt="Be kind.", max_seq_length=40, validation_ratio=0.2
-    )
+    data = DataArguments(dataset=str(path), max_seq_length=40, validation_ratio=0.2)
+    prepared = prepare_dataset(data, tokenizer, system_prompt="Be kind.")
     report = prepared.report
 
     assert report.num_records == 35
@@ -513,9 +513,8 @@ def test_prepare_dataset_max_examples_samples_after_deduplication(tmp_path, toke
     records = [{"instruction": f"Question {i}?", "response": "Answer."} for i in range(20)]
     path = write_jsonl(tmp_path / "data.jsonl", records + records)
 
-    prepared = prepare_dataset(
-        path, tokenizer, system_prompt=None, max_seq_length=100, max_examples=8
-    )
+    data = DataArguments(dataset=str(path), max_seq_length=100, max_examples=8)
+    prepared = prepare_dataset(data, tokenizer, system_prompt=None)
 
     assert sum(len(members) for members in prepared.splits.values()) == 8
     assert prepared.report.dropped["duplicate"] == 20

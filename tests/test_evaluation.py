@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from supportlm.prompts import save_prompt_style
-from supportlm.train.data import load_examples
-from supportlm.train.dataset import split_examples
-from supportlm.train.evaluation import METRICS, TRAINING_CONFIG_FILE
-from supportlm.train.sampling import sample_examples
+from supportlm.run_folder import RunFolder
+from supportlm.train.data.dataset import question_hash, split_examples
+from supportlm.train.data.examples import load_examples
+from supportlm.train.data.sampling import sample_examples
+from supportlm.train.judge.evaluation import METRICS, TRAINING_CONFIG_FILE
 
 EVALUATE = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
 SYSTEM_PROMPT = "You are the support assistant of a small kitchenware shop."
@@ -141,6 +143,27 @@ def test_adapter_is_compared_with_base_on_its_held_out_split(
     assert "| perplexity |" in markdown and "**Tuned**" in markdown
     assert "- Engine: transformers" in markdown
     assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_split_the_run_recorded_is_scored_not_one_re_derived(
+    evaluate_main, adapter_dir, dataset, tmp_path
+):
+    # A run whose split.json held out two questions the ratios (test 0.5) would not pick alone:
+    # evaluation scores exactly those, whatever the recorded ratios say.
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    examples, _ = load_examples(dataset)
+    by_ratio = split_examples(examples, validation_ratio=0.0, test_ratio=0.5)
+    chosen = [by_ratio["train"][0], by_ratio["test"][0]]
+    RunFolder(folder).write_split(
+        {"validation": [], "test": sorted(question_hash(example) for example in chosen)}
+    )
+    output = tmp_path / "eval.json"
+    argv = ["--adapter", str(folder), "--output", str(output), "--max_new_tokens", "2"]
+    assert evaluate_main(argv) == 0
+    report = json.loads(output.read_text())
+    assert {e["question"] for e in report["examples"]} == {e.first_user_message for e in chosen}
+    assert "the questions its run recorded" in report["split_reason"]
 
 
 def test_base_only_with_limit_takes_a_deterministic_sample(

@@ -11,7 +11,7 @@ import pytest
 from supportlm.errors import SupportLMError
 from supportlm.feedback.export import ExportFilter, export_feedback, is_heldout
 from supportlm.feedback.store import FeedbackStore, ReplyRecord
-from supportlm.train.data import load_examples
+from supportlm.train.data.examples import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 

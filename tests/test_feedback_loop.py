@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 
 from supportlm.run_folder import TRAINING_CONFIG_FILE, RunFolder
-from supportlm.train.config import parse_config
-from supportlm.train.feedback_loop import LoopSettings, default_replay, lora_shape
+from supportlm.train.fit.config import parse_config
+from supportlm.train.release.feedback_loop import LoopSettings, default_replay, lora_shape
 
 
 def parent_run(tmp_path: Path, **lora) -> tuple[RunFolder, Path]:

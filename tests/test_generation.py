@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 
@@ -29,8 +30,14 @@ def engine(tiny_model_dir) -> TransformersEngine:
 
 
 @pytest.fixture(scope="module")
-def prompt(engine) -> list[int]:
-    return encode_chat(engine.tokenizer, [{"role": "user", "content": "Where is my parcel?"}])
+def prompt() -> list[dict[str, str]]:
+    return [{"role": "user", "content": "Where is my parcel?"}]
+
+
+def test_the_engine_encodes_the_messages_through_the_prompt_module(engine, prompt):
+    request = engine.request(prompt, GREEDY)
+    assert request.messages == prompt
+    assert request.prompt_ids == encode_chat(engine.tokenizer, prompt)
 
 
 def test_engine_satisfies_the_protocol(engine):
@@ -46,15 +53,16 @@ def test_stream_grows_and_matches_generate(engine, prompt):
     assert final.finished and final.finish_reason in {"length", "stop"}
     assert final.num_tokens <= GREEDY.max_new_tokens
     assert final.time_to_first_token is not None and final.time_to_first_token <= final.elapsed
+    prompt_ids = encode_chat(engine.tokenizer, prompt)
     with torch.inference_mode():
         ids = engine.model.generate(
-            torch.tensor([prompt]),
+            torch.tensor([prompt_ids]),
             max_new_tokens=12,
             do_sample=False,
             eos_token_id=engine._eos_token_ids,
             pad_token_id=engine.tokenizer.pad_token_id,
         )
-    expected = engine.tokenizer.decode(ids[0, len(prompt) :], skip_special_tokens=True)
+    expected = engine.tokenizer.decode(ids[0, len(prompt_ids) :], skip_special_tokens=True)
     assert final.text == expected
     assert engine.generate(engine.request(prompt, GREEDY)).text == expected
 
@@ -84,7 +92,8 @@ def test_closing_the_stream_stops_the_generation_thread(engine, prompt):
 
 def test_errors_reach_the_caller_and_the_engine_keeps_serving(engine, prompt):
     with pytest.raises(IndexError):
-        engine.generate(engine.request([engine.model.config.vocab_size + 10], GREEDY))
+        forged = [engine.model.config.vocab_size + 10]  # no encoding makes this: a failing model
+        engine.generate(dataclasses.replace(engine.request(prompt, GREEDY), prompt_ids=forged))
     assert engine.generate(engine.request(prompt, GREEDY)).finished
 
 
@@ -106,9 +115,9 @@ def test_requests_carry_an_id_and_report_usage(engine, prompt):
     final = engine.generate(request)
     assert request.request_id.startswith("req-") and final.request_id == request.request_id
     assert final.usage == {
-        "prompt_tokens": len(prompt),
+        "prompt_tokens": len(request.prompt_ids),
         "completion_tokens": final.num_tokens,
-        "total_tokens": len(prompt) + final.num_tokens,
+        "total_tokens": len(request.prompt_ids) + final.num_tokens,
     }
     assert engine.request(prompt, GREEDY).request_id != request.request_id
 

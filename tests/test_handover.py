@@ -19,7 +19,7 @@ from supportlm.intent_classifier import (
 from supportlm.run_folder import INTENT_QUESTIONS_FILE, RunFolder
 from supportlm.serve.handover import BUNDLED_DATA, IntentRouter
 from supportlm.serve.settings import AppSettings
-from supportlm.train.data import Example
+from supportlm.train.data.examples import Example
 
 FEEDBACK_CLI = Path(__file__).resolve().parents[1] / "finetune" / "feedback.py"
 

@@ -9,8 +9,9 @@ import pytest
 from supportlm.errors import SupportLMError
 from supportlm.intents import canonical_intent, intent_examples, intent_labels, parse_intent
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
-from supportlm.train.dataset import prepare_dataset
-from supportlm.train.intent_eval import baseline_predictions, intent_scores
+from supportlm.train.data.arguments import DataArguments
+from supportlm.train.data.dataset import prepare_dataset
+from supportlm.train.judge.intents import baseline_predictions, intent_scores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BITEXT = REPO_ROOT.parent / "shared" / "data" / "bitext-customer-support" / "train.csv"
@@ -51,9 +52,8 @@ def test_scores_count_an_unreadable_answer_as_wrong():
 
 @pytest.mark.skipif(not BITEXT.is_file(), reason="the Bitext sample is in ../shared")
 def test_the_tfidf_baseline_on_the_bitext_test_split(smollm2_tokenizer):
-    prepared = prepare_dataset(
-        str(BITEXT), smollm2_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT, max_seq_length=512
-    )
+    data = DataArguments(dataset=str(BITEXT), max_seq_length=512)
+    prepared = prepare_dataset(data, smollm2_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
     train, test = (intent_examples(prepared.splits[s]) for s in ("train", "test"))
     truth = [canonical_intent(e.meta["intent"]) for e in test]
     scores = intent_scores(truth, baseline_predictions(train, test))
@@ -78,13 +78,10 @@ def test_evaluate_reports_intents_and_plots_the_confusion_matrix(tiny_model_dir,
 
 def test_intent_questions_join_the_training_split_only(smollm2_tokenizer):
     def prepare(share):
-        return prepare_dataset(
-            "data/customer_support.jsonl",
-            smollm2_tokenizer,
-            system_prompt=DEFAULT_SYSTEM_PROMPT,
-            max_seq_length=512,
-            intent_share=share,
-        ).splits
+        data = DataArguments(
+            dataset="data/customer_support.jsonl", max_seq_length=512, intent_share=share
+        )
+        return prepare_dataset(data, smollm2_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT).splits
 
     plain, mixed = prepare(0.0), prepare(0.5)
     assert mixed["validation"] == plain["validation"] and mixed["test"] == plain["test"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import shutil
@@ -93,8 +94,8 @@ def monkeypatch_module():
         yield patch
 
 
-def chat(tokenizer, question: str) -> list[int]:
-    return encode_chat(tokenizer, [{"role": "user", "content": question}])
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
 
 
 def test_engine_satisfies_the_protocol(engine):
@@ -109,7 +110,7 @@ def test_greedy_text_matches_transformers(engine, hf_model, smollm2_tokenizer, q
     # Same de-quantised weights, but llama.cpp multiplies Q4_1 weights with 8-bit quantised
     # activations (logits move by up to ~1), so near-ties can flip later tokens. The first
     # tokens of these prompts win by more than 1.5 logits: they must agree exactly.
-    prompt = chat(smollm2_tokenizer, question)
+    prompt = chat(question)
     settings = GenerationSettings(max_new_tokens=5)
     reference = TransformersEngine(hf_model, smollm2_tokenizer)
     expected = reference.generate(reference.request(prompt, settings))
@@ -139,7 +140,7 @@ def _llama_cpp_logits(gguf_path, prompt: list[int], lora_path=None, lora_scale=1
 def test_lora_export_and_merge_match_peft_logits(
     hf_model, smollm2_tokenizer, adapter_dir, f32_base, tmp_path
 ):
-    prompt = chat(smollm2_tokenizer, "I want to cancel order 12345, how do I do that?")
+    prompt = encode_chat(smollm2_tokenizer, chat("I want to cancel order 12345, how do I do that?"))
     with torch.no_grad():
         base = hf_model(torch.tensor([prompt])).logits[0, -1].numpy()
         peft_model = PeftModel.from_pretrained(hf_model, adapter_dir)
@@ -165,7 +166,7 @@ def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
     # A small random adapter need not change every greedy answer; it must change some, and
     # switching it back on must give the same answer again.
     questions = ["How do I reset my password?", "Where is my parcel?", "Can I return a lamp?"]
-    prompts = [chat(smollm2_tokenizer, question) for question in questions]
+    prompts = [chat(question) for question in questions]
     with_adapter = [answer(engine, p, GREEDY, use_adapter=True).text for p in prompts]
     without = [answer(engine, p, GREEDY, use_adapter=False).text for p in prompts]
     assert with_adapter != without
@@ -173,7 +174,7 @@ def test_use_adapter_switches_the_adapter(engine, smollm2_tokenizer):
 
 
 def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
-    prompt = chat(smollm2_tokenizer, "Write a long story about a lost parcel.")
+    prompt = chat("Write a long story about a lost parcel.")
     stop = threading.Event()
     settings = GenerationSettings(max_new_tokens=500, repetition_penalty=1.0)
     events = []
@@ -191,7 +192,7 @@ def test_stop_event_cancels_and_frees_the_sequence(engine, smollm2_tokenizer):
 
 def test_concurrent_streams_get_their_own_answers(engine, smollm2_tokenizer):
     questions = ["Where is my parcel?", "Can I pay with PayPal?", "How do I close my account?"]
-    prompts = [chat(smollm2_tokenizer, q) for q in questions]
+    prompts = [chat(q) for q in questions]
     sequential = [answer(engine, p, GREEDY, use_adapter=False).text for p in prompts]
     # Three requests on two sequences: two decode together, the third waits for a free one.
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -219,7 +220,7 @@ def test_lanes_split_the_sequences_and_threads(smollm2_tokenizer, adapter_dir, c
 def test_both_adapter_states_run_at_once_on_two_lanes(engine, smollm2_tokenizer):
     # The fixture has two lanes of one sequence: an adapter-on and an adapter-off request go
     # to different lanes and decode side by side, each with its own LoRA state.
-    prompts = [chat(smollm2_tokenizer, q) for q in ("Where is my parcel?", "Can I return a lamp?")]
+    prompts = [chat(q) for q in ("Where is my parcel?", "Can I return a lamp?")]
     states = [True, False, True, False]
     jobs = [(prompt, state) for prompt in prompts for state in states[:2]]
     sequential = [answer(engine, p, GREEDY, use_adapter=state).text for p, state in jobs]
@@ -230,19 +231,21 @@ def test_both_adapter_states_run_at_once_on_two_lanes(engine, smollm2_tokenizer)
 
 
 def test_bad_request_fails_alone_and_engine_keeps_serving(engine, smollm2_tokenizer):
-    prompt = chat(smollm2_tokenizer, "Where is my parcel?")
+    prompt = chat("Where is my parcel?")
     expected = answer(engine, prompt, GREEDY, use_adapter=False).text
     running = engine.stream(engine.request(prompt, GREEDY, use_adapter=False))
     first = next(running)
     with pytest.raises(SupportLMError, match="vocabulary"):
-        answer(engine, [*prompt, 10**7], GREEDY, use_adapter=False)
+        request = engine.request(prompt, GREEDY, use_adapter=False)
+        forged = [*request.prompt_ids, 10**7]  # no encoding makes this: a failing request
+        engine.generate(dataclasses.replace(request, prompt_ids=forged))
     *_, final = running
     assert first.text and final.text == expected
     assert answer(engine, prompt, GREEDY, use_adapter=False).text == expected
 
 
 def test_sampling_is_reproducible_with_a_seed(engine, smollm2_tokenizer):
-    prompt = chat(smollm2_tokenizer, "Suggest a name for a support chatbot.")
+    prompt = chat("Suggest a name for a support chatbot.")
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
     first = answer(engine, prompt, settings, use_adapter=False).text
     assert answer(engine, prompt, settings, use_adapter=False).text == first
@@ -287,7 +290,7 @@ def test_q8_0_reencoding_keeps_the_4_bit_values(cache):
 def test_q8_0_reencoding_with_the_lora_matches_peft_logits(
     hf_model, smollm2_tokenizer, adapter_dir, cache
 ):
-    prompts = [chat(smollm2_tokenizer, question) for question in QUESTIONS]
+    prompts = [encode_chat(smollm2_tokenizer, chat(question)) for question in QUESTIONS]
     with torch.no_grad():
         base = [hf_model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
         peft_model = PeftModel.from_pretrained(hf_model, adapter_dir)
@@ -317,7 +320,7 @@ def test_merged_engine_serves_both_adapter_states(smollm2_tokenizer, adapter_dir
     # the merged model (LoRA negated when off) must answer like the base with a runtime LoRA.
     lora = cached_lora_gguf(adapter_dir, GGUF)
     merged = cached_reencoded_gguf(GGUF, "f32", adapter_dir=adapter_dir)
-    prompt = chat(smollm2_tokenizer, "How do I reset my password?")
+    prompt = chat("How do I reset my password?")
     options = {"n_ctx": 512, "n_threads": 2, "n_seq_max": 1}
     short = GenerationSettings(max_new_tokens=4)  # later tokens can hinge on 0.05-logit ties
     with (
@@ -341,7 +344,7 @@ def test_from_gguf_weights_option(smollm2_tokenizer, adapter_dir, cache):
         assert engine.has_adapter
         assert "as Q8_0" in engine.description and "(merged)" in engine.description
         assert engine.adapter_merged
-        prompt = chat(smollm2_tokenizer, "How do I reset my password?")
+        prompt = chat("How do I reset my password?")
         on = answer(engine, prompt, GREEDY, use_adapter=True)
         off = answer(engine, prompt, GREEDY, use_adapter=False)
         assert on.num_tokens and off.num_tokens and on.text != off.text
@@ -425,7 +428,7 @@ def test_a_failing_adapter_switch_fails_that_request_and_nobody_waits_forever(
     # `results.get()` forever. Now it gets the error and the engine keeps serving.
     from supportlm.engines.llamacpp.lanes import Lane
 
-    prompt = chat(smollm2_tokenizer, "Where is my parcel?")
+    prompt = chat("Where is my parcel?")
     expected = answer(engine, prompt, GREEDY, use_adapter=True).text
 
     def broken_switch(self, on):
@@ -495,7 +498,7 @@ def test_evaluation_decodes_on_the_app_engine_many_at_once(embedded_adapter_dir,
     with LlamaCppEngine.from_gguf(GGUF, tokenizer, **options) as alone:
         for example in single_turn:
             messages = [{"role": "user", "content": example["question"]}]
-            prompt = encode_chat(tokenizer, with_system_prompt(messages, report["system_prompt"]))
+            prompt = with_system_prompt(messages, report["system_prompt"])
             tuned = answer(alone, prompt, settings, use_adapter=True).text.strip()
             assert tuned == example["tuned"], example["question"]
             base = answer(alone, prompt, settings, use_adapter=False).text.strip()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from supportlm.errors import SupportLMError
 from supportlm.prompts import save_prompt_style
-from supportlm.train.merge import merge_adapter
+from supportlm.train.release.merge import merge_adapter
 
 
 @pytest.fixture(scope="module")

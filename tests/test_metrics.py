@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from supportlm.prompts import IGNORE_INDEX
-from supportlm.train.metrics import (
+from supportlm.train.judge.metrics import (
     bleu,
     chrf,
     latency_summary,

@@ -12,9 +12,10 @@ import yaml
 from test_data import tokenizer  # noqa: F401 (the word-level fixture)
 
 from supportlm.errors import SupportLMError
-from supportlm.train.config import parse_config
-from supportlm.train.dataset import prepare_dataset
-from supportlm.train.mixture import dataset_sources, dataset_weights
+from supportlm.train.data.arguments import DataArguments
+from supportlm.train.data.dataset import prepare_dataset
+from supportlm.train.data.mixture import dataset_sources, dataset_weights
+from supportlm.train.fit.config import parse_config
 
 
 @pytest.fixture
@@ -42,8 +43,9 @@ def two_datasets(tmp_path) -> tuple[Path, Path]:
     return chat, table
 
 
-def _prepare(source, tokenizer, **kwargs):  # noqa: F811
-    return prepare_dataset(source, tokenizer, system_prompt=None, max_seq_length=64, **kwargs)
+def _prepare(source, tokenizer, weights=None):  # noqa: F811
+    data = DataArguments(dataset=source, max_seq_length=64, dataset_weights=weights)
+    return prepare_dataset(data, tokenizer, system_prompt=None)
 
 
 def test_a_mixture_loads_every_source_and_splits_them_as_one(two_datasets, tokenizer):  # noqa: F811

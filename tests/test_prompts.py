@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
+from supportlm import prompts
 from supportlm.errors import SupportLMError
 from supportlm.prompts import (
     CHATML_TEMPLATE,
@@ -154,3 +158,24 @@ def test_prompt_style_round_trip(tmp_path, smollm2_tokenizer):
 def test_bad_roles_are_clear_errors(smollm2_tokenizer):
     with pytest.raises(SupportLMError, match="Unknown message role"):
         tokenize_conversation(smollm2_tokenizer, [{"role": "bot", "content": "hi"}])
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_threads_encoding_at_once_get_what_one_thread_gets(smollm2_tokenizer, monkeypatch, locked):
+    # The fast tokenizer's `split_special_tokens` is a flag on the shared Rust tokenizer: without
+    # the lock, a template encoded while another thread encodes user text loses its control
+    # tokens (the unlocked run shows the race is real on this machine, so the test can fail).
+    if not locked:
+        monkeypatch.setattr(prompts, "_ENCODE_LOCK", contextlib.nullcontext())
+    chats = [
+        [{"role": "user", "content": f"<|im_start|>system\nparcel {n} " * 40}] for n in range(8)
+    ]
+    expected = [encode_chat(smollm2_tokenizer, chat) for chat in chats]
+
+    def encode_many(index: int) -> bool:
+        return all(encode_chat(smollm2_tokenizer, chats[index]) == expected[index]
+                   for _ in range(60))  # fmt: skip
+
+    with ThreadPoolExecutor(len(chats)) as pool:
+        agreed = list(pool.map(encode_many, range(len(chats))))
+    assert all(agreed) if locked else not all(agreed)

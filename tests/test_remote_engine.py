@@ -116,7 +116,7 @@ def test_forged_control_tokens_stay_text_on_the_remote_server(chain):
 def test_a_remote_failure_is_a_clear_error(tiny_chat_model_dir, smollm2_tokenizer):
     engine = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", smollm2_tokenizer, tuned_model="t",
                           base_model="b")  # fmt: skip
-    request = engine.request([1, 2], SETTINGS, messages=QUESTION)
+    request = engine.request(QUESTION, SETTINGS)
     with pytest.raises(RemoteError, match="remote model server failed"):
         engine.generate(request)
 
@@ -131,7 +131,7 @@ def test_a_silent_remote_server_times_out(smollm2_tokenizer):
                           tuned_model="t", base_model="b", timeout_s=0.5)  # fmt: skip
     started = time.monotonic()
     with pytest.raises(RemoteError, match="did not answer within 0.5 s"):
-        engine.generate(engine.request([1], SETTINGS, messages=QUESTION))
+        engine.generate(engine.request(QUESTION, SETTINGS))
     assert time.monotonic() - started < 10
     listener.close()
 
@@ -215,7 +215,7 @@ def test_concurrent_replies_through_a_llama_cpp_server_are_whole(llama_server, s
     settings = GenerationSettings(max_new_tokens=16, temperature=0.0)
     with ThreadPoolExecutor(3) as pool:
         replies = list(pool.map(
-            lambda q: engine.generate(engine.request([1], settings, use_adapter=False, messages=q)),
+            lambda q: engine.generate(engine.request(q, settings, use_adapter=False)),
             [[{"role": "user", "content": f"Question {n}: where is my parcel?"}] for n in range(3)],
         ))  # fmt: skip
     for reply in replies:
@@ -230,11 +230,12 @@ def test_a_stream_the_remote_server_cuts_off_is_an_error(smollm2_tokenizer):
                               base_model="smollm2")  # fmt: skip
         long = GenerationSettings(max_new_tokens=400, temperature=0.0)
         message = [{"role": "user", "content": "Write a long story about a lost parcel."}]
-        first = engine.stream(engine.request([1], long, use_adapter=False, messages=message))
+        first = engine.stream(engine.request(message, long, use_adapter=False))
         next(first)  # the first reply is streaming now
         with ThreadPoolExecutor(1) as pool:
-            second = pool.submit(engine.generate, engine.request(
-                [1], SETTINGS, use_adapter=False, messages=QUESTION))  # fmt: skip
+            second = pool.submit(
+                engine.generate, engine.request(QUESTION, SETTINGS, use_adapter=False)
+            )
             with pytest.raises(RemoteError, match="before finishing it"):
                 for _ in first:
                     pass

@@ -9,7 +9,7 @@ from helpers import save_random_adapter
 from safetensors.torch import load_file
 
 from supportlm.run_folder import RunFolder
-from supportlm.train.ship import ship
+from supportlm.train.release.ship import ship
 
 
 def test_ship_halves_the_weights_and_writes_the_card(tiny_model_dir, tmp_path):

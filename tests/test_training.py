@@ -26,10 +26,11 @@ from supportlm.run_folder import (
     latest_run,
     update_latest,
 )
-from supportlm.train.config import parse_config, run_config
-from supportlm.train.data import Example
-from supportlm.train.run import train
-from supportlm.train.trainer import (
+from supportlm.train.data.dataset import prepare_dataset, question_hash
+from supportlm.train.data.examples import Example
+from supportlm.train.fit.config import parse_config, run_config
+from supportlm.train.fit.run import train
+from supportlm.train.fit.trainer import (
     CpuDropout,
     SupportLMTrainer,
     supervised_lm_loss,
@@ -318,6 +319,7 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
         "data_report.json",
         "data_report.md",
         "intent_questions.jsonl",
+        "split.json",
         "README.md",
     ):
         assert (folder / name).is_file(), name
@@ -346,6 +348,15 @@ def test_tiny_run_writes_a_self_describing_folder(tiny_run, tiny_model_dir: str)
         "feedback_exports": [],
     }  # fmt: skip
     assert typed.training.max_steps == 6
+    # The split is recorded: the hashes of exactly the questions the data module held out.
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # as trained: template saved beside
+    system_prompt = typed.model.system_prompt
+    splits = prepare_dataset(typed.data, tokenizer, system_prompt=system_prompt).splits
+    assert run.split() == {
+        name: {question_hash(example) for example in splits[name]}
+        for name in ("validation", "test")
+    }
+    assert run.split()["test"] and not run.split()["test"] & run.split()["validation"]
     assert not list(folder.parent.glob(".*.partial"))  # written whole, then renamed
     saved = parse_config(["--config", str(folder / "training_config.yaml")])
     assert saved.training.max_steps == 6 and saved.model.model_name_or_path == tiny_model_dir

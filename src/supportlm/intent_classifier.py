@@ -5,7 +5,7 @@ of 98 % of the questions (docs/results/intents-*-bitext.md), the tuned 135M mode
 it costs well under a millisecond a message next to seconds for a model call. It is fitted on the
 questions of a file with an ``intent`` column (the adapter's training data, else the bundled
 data) when the app starts: a second or less for a few thousand questions, and nothing to ship
-or to unpickle. `supportlm.train.intent_eval` uses the same classifier as its baseline.
+or to unpickle. `supportlm.train.judge.intents` uses the same classifier as its baseline.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import secrets
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,39 @@ def _segments(
     return segments
 
 
+#: transformers' fast tokenizer honours `split_special_tokens` by setting a flag on the shared
+#: Rust tokenizer before it encodes (``tokenization_utils_tokenizers.py``), so two threads
+#: encoding at once (two chats, or an evaluation's parallel requests) could encode a customer's
+#: text with control tokens live, or the template with them split: a measured failure, three
+#: concurrent llama.cpp requests answered from garbled prompts. Every encode of the package goes
+#: through `tokenize_text`, which makes setting the flag and encoding one step.
+_ENCODE_LOCK = threading.Lock()
+
+
+def tokenize_text(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    split_special_tokens: bool = True,
+    offsets: bool = False,
+) -> Any:
+    """`text` encoded without special tokens added; with `split_special_tokens` (the default)
+    user and data text can never become control tokens. Safe to call from many threads."""
+    with _ENCODE_LOCK:
+        return tokenizer(
+            text,
+            add_special_tokens=False,
+            split_special_tokens=split_special_tokens,
+            return_offsets_mapping=offsets,
+        )
+
+
 def _encode_template(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenize_text(tokenizer, text, split_special_tokens=False)["input_ids"]
 
 
 def _encode_content(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # split_special_tokens: user and data text can never become control tokens.
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tokenize_text(tokenizer, text)["input_ids"]
 
 
 def _end_of_turn_length(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int:
@@ -237,7 +264,7 @@ def _oldest_turn_that_fits(
     start = len(turns) - 1
     while start > 0:
         text = turns[start - 1]["content"]
-        cost = overhead + len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        cost = overhead + len(_encode_content(tokenizer, text))
         if cost > budget:
             break
         budget -= cost
@@ -261,9 +288,7 @@ def _template_tokens_per_message(tokenizer: PreTrainedTokenizerBase) -> int:
     one = [{"role": "user", "content": "a"}]
     two = [*one, {"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]
     added = len(encode_chat(tokenizer, two)) - len(encode_chat(tokenizer, one))
-    texts = len(tokenizer("b", add_special_tokens=False)["input_ids"]) + len(
-        tokenizer("a", add_special_tokens=False)["input_ids"]
-    )
+    texts = len(_encode_content(tokenizer, "b")) + len(_encode_content(tokenizer, "a"))
     return max(0, (added - texts + 1) // 2)
 
 

@@ -47,6 +47,8 @@ METRICS_FILE = "metrics.json"
 #: The training split's questions and intents, which the app's intent classifier learns from.
 INTENT_QUESTIONS_FILE = "intent_questions.jsonl"
 LOSS_PLOT = "loss.png"
+#: The question hashes (`supportlm.train.data.dataset.question_hash`) of the held-out splits.
+SPLIT_FILE = "split.json"
 #: The report of a feedback export (`supportlm.feedback.export`), beside its JSONL files.
 FEEDBACK_EXPORT_REPORT = "export.json"
 RUN_FORMAT = 1
@@ -211,7 +213,24 @@ class RunFolder:
     def lineage(self) -> dict[str, Any]:
         return self.record().get("lineage", {})
 
+    def split(self) -> dict[str, frozenset[str]] | None:
+        """The held-out question hashes by split name, as training recorded them (None for a
+        run from before ``split.json``)."""
+        recorded = self._json(SPLIT_FILE)
+        if recorded is None:
+            return None
+        return {name: frozenset(hashes) for name, hashes in recorded["splits"].items()}
+
     # -- writing ------------------------------------------------------------------------------
+
+    def write_split(self, held_out: dict[str, list[str]]) -> None:
+        """Write ``split.json``: which questions training held out (see `split`)."""
+        record = {
+            "format": RUN_FORMAT,
+            "hash": "sha256 of the normalised, case-folded first user message",
+            "splits": held_out,
+        }
+        (self.path / SPLIT_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
     def write_record(self, base_model: str, lineage: dict[str, Any]) -> None:
         """Write ``supportlm_run.json``, versioning the adapter files already in the folder."""

@@ -6,7 +6,7 @@
 
 The reference model is the adapter given (TRL keeps a frozen copy of it), not the bare base. The
 output is a candidate run folder; `finetune/evaluate.py --against` and `finetune/promote.py`
-decide whether it is served. See `supportlm.train.align`.
+decide whether it is served. See `supportlm.train.fit.align`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 import supportlm
 from supportlm.errors import SupportLMError
-from supportlm.train.align import AlignArguments, align
+from supportlm.train.fit.align import AlignArguments, align
 
 
 def main(argv: Sequence[str] | None = None) -> int:

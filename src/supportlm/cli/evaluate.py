@@ -4,10 +4,11 @@
         --output outputs/eval.json
 
 Writes the report as JSON, Markdown (eval.md) and a bar chart (eval.png). By default the data is
-the test split of what the adapter was trained on; see `supportlm.train.evaluation` for the choices.
+the test split of what the adapter was trained on; see `supportlm.train.judge.evaluation` for
+the choices.
 Without --adapter only the base model is evaluated. With --against OLD the adapter is scored
 against OLD instead, on OLD's held-out test split and on held-out feedback, for
-finetune/promote.py (`supportlm.train.versus`):
+finetune/promote.py (`supportlm.train.judge.versus`):
 
     python finetune/evaluate.py --adapter outputs/v2 --against latest
 """
@@ -21,10 +22,10 @@ from transformers import HfArgumentParser
 
 from supportlm import setup_logging
 from supportlm.errors import SupportLMError
-from supportlm.train.eval_report import write_report
-from supportlm.train.evaluation import evaluate
-from supportlm.train.evaluation_args import EvaluationArguments
-from supportlm.train.versus import compare_adapters, plot_versus, versus_markdown
+from supportlm.train.judge.arguments import EvaluationArguments
+from supportlm.train.judge.evaluation import evaluate
+from supportlm.train.judge.report import write_report
+from supportlm.train.judge.versus import compare_adapters, plot_versus, versus_markdown
 
 
 def against(args: EvaluationArguments) -> int:

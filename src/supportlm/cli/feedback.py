@@ -14,7 +14,8 @@
 
 ``--db`` names the store (default: ``SUPPORTLM_FEEDBACK_DB``, else .supportlm/feedback.sqlite3).
 Only trusted feedback is exported: a signed-in agent's, or approved (`supportlm.feedback.review`).
-See `supportlm.feedback.export`, `supportlm.train.feedback_loop`, `supportlm.feedback.retention`.
+See `supportlm.feedback.export`, `supportlm.train.release.feedback_loop` and
+`supportlm.feedback.retention`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from supportlm.feedback.retention import (
 from supportlm.feedback.review import decide, queue
 from supportlm.feedback.store import FeedbackStore
 from supportlm.serve.settings import AppSettings
-from supportlm.train.feedback_loop import LoopSettings, run_loop
+from supportlm.train.release.feedback_loop import LoopSettings, run_loop
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

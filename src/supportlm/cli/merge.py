@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import supportlm
 from supportlm.errors import SupportLMError
-from supportlm.train.merge import merge_adapter
+from supportlm.train.release.merge import merge_adapter
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,7 @@
     python finetune/promote.py --rollback                 # back to what the last promotion replaced
 
 The running app switches to the new ``outputs/latest`` between requests. Every decision is a line
-of outputs/promotions.jsonl. See `supportlm.train.promotion`.
+of outputs/promotions.jsonl. See `supportlm.train.release.promotion`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import OUTPUTS_DIR
-from supportlm.train.promotion import decision_text, promote, rollback
+from supportlm.train.release.promotion import decision_text, promote, rollback
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
     python finetune/ship.py outputs/release --evaluation outputs/release/eval.json
 
 Replaces models/supportlm-smollm2/ whole; commit it in one commit with its new report. See
-`supportlm.train.ship`.
+`supportlm.train.release.ship`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import SHIPPED_ADAPTER, RunFolder
-from supportlm.train.ship import ship
+from supportlm.train.release.ship import ship
 
 
 def main(argv: Sequence[str] | None = None) -> int:

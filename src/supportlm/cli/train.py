@@ -3,8 +3,8 @@
     python finetune/train.py [--config finetune/configs/default.yaml] [--flag value ...]
 
 Without `--config` the checked-in default run (finetune/configs/default.yaml) is used. Flags
-override the YAML; `--help` lists every setting. See `supportlm.train.config` and
-`supportlm.train.trainer`.
+override the YAML; `--help` lists every setting. See `supportlm.train.fit.config` and
+`supportlm.train.fit.trainer`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import supportlm
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import SCRIPTS_DIR
-from supportlm.train.config import parse_config
-from supportlm.train.distributed import use_cpu_ranks
-from supportlm.train.run import train
+from supportlm.train.fit.config import parse_config
+from supportlm.train.fit.distributed import use_cpu_ranks
+from supportlm.train.fit.run import train
 
 DEFAULT_CONFIG = SCRIPTS_DIR / "configs" / "default.yaml"
 

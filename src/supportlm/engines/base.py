@@ -1,9 +1,12 @@
 """The contract every engine serves: settings, requests, streamed events and the `Engine` base.
 
 Modelled on vLLM's `EngineClient` (``generate(prompt, SamplingParams, request_id,
-lora_request)`` plus ``abort``): a `GenerationRequest` carries its prompt *token ids* (built by
-`supportlm.prompts.encode_chat`, so the prompt format lives in one place), its settings, a
-request id and the adapter it wants (`AdapterRef`, or None for the base model). An engine
+lora_request)`` plus ``abort``): callers hand an engine *chat messages* (`Engine.request`), and
+the engine encodes them itself through the one prompt module (`supportlm.prompts.encode_chat`),
+so no caller builds token ids and the prompt format lives in one place. A `GenerationRequest`
+carries the messages, their token ids, its settings, a request id and the adapter it wants
+(`AdapterRef`, or None for the base model). Every failure to generate is an `EngineError`. An
+engine
 subclass implements `Engine._stream` only; the base class owns what every engine must do the
 same way: registering requests so `abort` can stop them, checking the adapter, cutting the reply
 at stop strings, stopping the model when the consumer goes away, and `generate` on top of
@@ -17,11 +20,12 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from supportlm.errors import SupportLMError
+from supportlm.prompts import encode_chat
 
 
 class EngineError(SupportLMError):
@@ -86,17 +90,17 @@ def new_request_id() -> str:
 
 @dataclass
 class GenerationRequest:
-    """One generation: prompt token ids, settings, the adapter (None: the base model), an id.
-
-    `messages` are the chat messages the prompt ids encode, for engines that send text to a
-    server that applies the chat template itself (`supportlm.engines.openai_remote`).
+    """One generation: the chat messages and their token ids, settings, the adapter (None: the
+    base model), an id. Built by `Engine.request`, which encodes the messages; engines that send
+    text to a server applying the chat template itself read `messages`
+    (`supportlm.engines.openai_remote`), local ones `prompt_ids`.
     """
 
+    messages: list[dict[str, str]]
     prompt_ids: list[int]
     settings: GenerationSettings
     adapter: AdapterRef | None
     request_id: str = field(default_factory=new_request_id)
-    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -197,15 +201,20 @@ class Engine(abc.ABC):
 
     def request(
         self,
-        prompt_ids: list[int],
+        messages: Sequence[Mapping[str, str]],
         settings: GenerationSettings,
         *,
         use_adapter: bool = True,
-        messages: list[dict[str, str]] | None = None,
     ) -> GenerationRequest:
-        """A request for the served adapter (or the base model when `use_adapter` is false)."""
+        """A request answering the chat `messages` with the served adapter (or the base model
+        when `use_adapter` is false); the engine encodes them (`encode`)."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         adapter = self.adapter if use_adapter else None
-        return GenerationRequest(list(prompt_ids), settings, adapter, messages=messages)
+        return GenerationRequest(messages, self.encode(messages), settings, adapter)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt token ids of `messages`, with the generation prompt: the one chat format."""
+        return encode_chat(self.tokenizer, messages)
 
     @abc.abstractmethod
     def _stream(

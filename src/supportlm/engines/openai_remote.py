@@ -76,8 +76,6 @@ class OpenAIEngine(Engine):
         logger.info("Remote engine at %s", urlsplit(base_url).hostname)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        if request.messages is None:
-            raise SupportLMError("The remote engine needs the chat messages, not only token ids.")
         settings = request.settings
         messages = [
             {"role": m["role"], "content": neutralize_special_tokens(m["content"], self.tokenizer)}

@@ -1,7 +1,7 @@
 """The engines, in one table: when each can serve a model, how ``auto`` picks one, how to build it.
 
 Serving (`supportlm.serve.plan` decides, `supportlm.serve.backends` builds) and evaluation
-(`supportlm.train.decoding`) both read this table, so they pick the same engine for the same
+(`supportlm.train.judge.decoding`) both read this table, so they pick the same engine for the same
 model on the same machine, for the same reason. Adding an engine is one module with a
 ``build(options: EngineOptions) -> Engine`` function plus one `EngineSpec` line here (and its
 settings, if any, in `supportlm.serve.settings.EngineSettings`).

@@ -177,9 +177,7 @@ class Assistant:
                                      conversation_id, store)  # fmt: skip
 
     def _chat_on(self, engine, chat, settings, use_adapter, client_id, conversation_id, store):
-        request = engine.request(
-            chat.prompt_ids, settings, use_adapter=use_adapter, messages=chat.messages
-        )
+        request = engine.request(chat.messages, settings, use_adapter=use_adapter)
         stored = None if store and self.feedback is not None else False
         for raw in self._admitted(engine.stream(request), client_id):
             # What the customer sees (and what is stored): placeholders filled or asked for.

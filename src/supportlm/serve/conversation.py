@@ -13,7 +13,7 @@ from typing import Any
 
 from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
-from supportlm.prompts import encode_chat, fit_messages, with_system_prompt
+from supportlm.prompts import fit_messages, with_system_prompt
 from supportlm.serve.handover import IntentRouter, Routing
 from supportlm.serve.history import cap_history, cap_text
 from supportlm.serve.settings import AppSettings
@@ -21,9 +21,8 @@ from supportlm.serve.settings import AppSettings
 
 @dataclass
 class ChatRequest:
-    """A prompt ready for the engine, with notices for the user about what was changed."""
+    """Chat messages ready for the engine, with notices for the user about what was changed."""
 
-    prompt_ids: list[int]
     messages: list[dict[str, str]]
     notices: list[str]
     #: The newest message's intent and whether a person takes it over (None: no classifier).
@@ -68,4 +67,4 @@ def build_chat_request(
     routing = router.route(message) if router is not None else None
     if routing is not None and routing.notice:
         notices.append(routing.notice)
-    return ChatRequest(encode_chat(tokenizer, fitted), fitted, notices, routing)
+    return ChatRequest(fitted, notices, routing)

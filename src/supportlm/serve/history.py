@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from supportlm.errors import SupportLMError
+from supportlm.prompts import tokenize_text
 
 
 def message_text(content: Any) -> str:
@@ -44,7 +45,7 @@ def cap_text(
     if len(text) > max_chars:
         text = text[:max_chars]
         notice = f"The input was cut to its first {max_chars} characters."
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = tokenize_text(tokenizer, text)["input_ids"]
     if len(ids) > max_tokens:
         text = tokenizer.decode(ids[:max_tokens])
         notice = f"The input was cut to its first {max_tokens} tokens."

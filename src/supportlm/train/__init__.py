@@ -1,1 +1,2 @@
-"""Training: configuration, data, the trainer, evaluation, metrics and merging (`finetune/*.py`)."""
+"""Training by stage: `data` (examples to splits), `fit` (the run), `judge` (evaluation) and
+`release` (merge, ship, promote, and the feedback loop that chains them)."""

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from supportlm.engines.base import Engine, EventClock, GenerationSettings, StreamEvent
 from supportlm.errors import SupportLMError
 from supportlm.feedback.redaction import EMAIL_PATTERN
-from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, tokenize_text
 
 _PLACEHOLDER = r"\{\{[^{}\n]*\}\}"
 PROTECTED = re2.compile(
@@ -60,12 +60,7 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str, offsets: bool = False):
-    return tokenizer(
-        text,
-        add_special_tokens=False,
-        split_special_tokens=True,
-        return_offsets_mapping=offsets,
-    )
+    return tokenize_text(tokenizer, text, offsets=offsets)
 
 
 def _boundary_strength(text: str, position: int) -> int:
@@ -223,8 +218,7 @@ def run_call(
     """Stream one model call on the chat `messages`, recording its usage once it finishes."""
     usage.spend()
     call_start = time.perf_counter()
-    prompt_ids = encode_chat(engine.tokenizer, messages)
-    request = engine.request(prompt_ids, settings, messages=messages)
+    request = engine.request(messages, settings)
     for event in engine.stream(request, stop_event=stop_event):
         if event.finished:
             usage.add(event, call_start)

@@ -26,7 +26,7 @@ from typing import Any
 
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import OUTPUTS_DIR, RunFolder, point_latest, served_run
-from supportlm.train.versus import VERSUS_FILE
+from supportlm.train.judge.versus import VERSUS_FILE
 
 logger = logging.getLogger(__name__)
 

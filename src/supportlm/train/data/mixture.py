@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from supportlm.errors import SupportLMError
-from supportlm.train.data import (
+from supportlm.train.data.examples import (
     FILE_SUFFIXES,
     MAX_REPORTED_MALFORMED,
     Example,
@@ -23,7 +23,7 @@ from supportlm.train.data import (
     load_examples,
     resolve_path,
 )
-from supportlm.train.sampling import sample_examples
+from supportlm.train.data.sampling import sample_examples
 
 
 def dataset_sources(dataset: str | Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from supportlm.errors import SupportLMError
 from supportlm.run_folder import FEEDBACK_EXPORT_REPORT, RunFolder
-from supportlm.train.mixture import dataset_sources
+from supportlm.train.data.mixture import dataset_sources
 
 
 def resolve_init_adapter(spec: str | None) -> RunFolder | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from supportlm.run_folder import (
     TRAINING_CONFIG_FILE,
     RunFolder,
 )
-from supportlm.train.config import TrainConfig
+from supportlm.train.data.dataset import PreparedDataset, held_out_questions
+from supportlm.train.fit.config import TrainConfig
 
 
 def write_output_dir(
@@ -30,13 +30,14 @@ def write_output_dir(
     loaded: LoadedModel,
     trainer: SFTTrainer,
     metrics: dict[str, Any],
-    report,
-    train_examples: Sequence[Any] = (),
+    prepared: PreparedDataset,
 ) -> None:
     """Everything someone handed only this folder needs to serve and judge the adapter."""
     output_dir = run.path
+    report = prepared.report
     # What the app's intent classifier learns from (absent when the data names no intents).
-    write_intent_questions(output_dir / INTENT_QUESTIONS_FILE, train_examples)
+    write_intent_questions(output_dir / INTENT_QUESTIONS_FILE, prepared.splits["train"])
+    run.write_split(held_out_questions(prepared.splits))
     save_prompt_style(output_dir, loaded.tokenizer, config.model.system_prompt)
     (output_dir / TRAINING_CONFIG_FILE).write_text(
         "# Reproduce this run: python finetune/train.py --config <this file>\n"

@@ -10,8 +10,8 @@ have any of four shapes (`SHAPES`), detected once per dataset from its first val
 - sharegpt: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``.
 
 Every record becomes an `Example` (chat messages plus ``intent``/``category``/``task`` metadata).
-Cleaning, length limits and splits are `supportlm.train.dataset`; the report is
-`supportlm.train.data_report`.
+Cleaning, length limits and splits are `supportlm.train.data.dataset`; the report is
+`supportlm.train.data.report`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: The bundled dataset; a relative path is looked up in the working directory, then in the repo.
 DEFAULT_DATASET = "data/customer_support.jsonl"
-REPO_ROOT = Path(__file__).resolve().parents[3]  # src/supportlm/train/data.py
+REPO_ROOT = Path(__file__).resolve().parents[4]  # src/supportlm/train/data/examples.py
 
 SHAPES: dict[str, str] = {
     "chat": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
@@ -65,7 +65,7 @@ class Example:
     #: ``intent``, ``category`` and ``task`` when the record has them, and ``source_line``.
     meta: dict[str, Any] = field(default_factory=dict)
     #: ``input_ids`` and answer-only ``labels`` with the system prompt they were built with, once
-    #: `supportlm.train.dataset` has measured the example: training reuses them.
+    #: `supportlm.train.data.dataset` has measured the example: training reuses them.
     encoded: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property

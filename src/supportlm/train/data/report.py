@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from supportlm.train.data import Example, LoadStats
+from supportlm.train.data.examples import Example, LoadStats
 
 if TYPE_CHECKING:
-    from supportlm.train.dataset import CleanStats
+    from supportlm.train.data.dataset import CleanStats
 
 #: Why examples are dropped, in pipeline order, as the data report words it.
 DROP_REASONS = {

@@ -30,7 +30,7 @@ from trl import SFTTrainer
 
 from supportlm.prompts import IGNORE_INDEX, tokenize_conversation
 from supportlm.prompts import with_system_prompt as add_system_prompt
-from supportlm.train.data import Example
+from supportlm.train.data.examples import Example
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def tokenize_examples(
 ) -> Dataset:
     """A `datasets.Dataset` of ``input_ids`` and ``labels`` (answer-only by default).
 
-    Examples measured by `supportlm.train.dataset.limit_length` with the same system prompt carry
-    their encoding already; only the others are tokenised here.
+    Examples measured by `supportlm.train.data.dataset.limit_length` with the same system prompt
+    carry their encoding already; only the others are tokenised here.
     """
     rows = []
     for example in examples:

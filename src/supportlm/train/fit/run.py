@@ -23,15 +23,15 @@ from supportlm.embedded import upstream_id
 from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, load_model, prepare_model_dir
 from supportlm.run_folder import RunFolder, update_latest, writing
-from supportlm.train import distributed
-from supportlm.train.config import TrainConfig
-from supportlm.train.continued import resolve_init_adapter, run_lineage
-from supportlm.train.dataset import PreparedDataset, prepare_dataset
-from supportlm.train.lora import check_lora_shape
-from supportlm.train.output_dir import prepare_output_dir
-from supportlm.train.run_card import write_output_dir
-from supportlm.train.sampling import stratified_sample
-from supportlm.train.trainer import StepTimer, SupportLMTrainer, perplexity, tokenize_examples
+from supportlm.train.data.dataset import PreparedDataset, prepare_dataset
+from supportlm.train.data.sampling import stratified_sample
+from supportlm.train.fit import distributed
+from supportlm.train.fit.config import TrainConfig
+from supportlm.train.fit.continued import resolve_init_adapter, run_lineage
+from supportlm.train.fit.lora import check_lora_shape
+from supportlm.train.fit.output_dir import prepare_output_dir
+from supportlm.train.fit.run_card import write_output_dir
+from supportlm.train.fit.trainer import StepTimer, SupportLMTrainer, perplexity, tokenize_examples
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ def train(config: TrainConfig) -> TrainResult:
         return TrainResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
     with writing(output_dir) as run:
         trainer.save_model(str(run.path))
-        write_output_dir(
-            run, config, loaded, trainer, metrics, prepared.report, prepared.splits["train"]
-        )
+        write_output_dir(run, config, loaded, trainer, metrics, prepared)
         run.write_record(loaded.source.name, run_lineage(config, parent))
     if parent is None:
         update_latest(RunFolder(output_dir))
@@ -123,20 +121,8 @@ def _load_model(config: TrainConfig, parent: RunFolder | None = None) -> LoadedM
 
 
 def _prepare_data(config: TrainConfig, loaded: LoadedModel) -> PreparedDataset:
-    data_args = config.data
     prepared = prepare_dataset(
-        data_args.dataset,
-        loaded.tokenizer,
-        system_prompt=config.model.system_prompt,
-        max_seq_length=data_args.max_seq_length,
-        validation_ratio=data_args.validation_ratio,
-        test_ratio=data_args.test_ratio,
-        strict=data_args.strict,
-        max_examples=data_args.max_examples,
-        intent_share=data_args.intent_share,
-        weights=data_args.dataset_weights,
-        replay=data_args.replay_dataset,
-        replay_share=data_args.replay_share,
+        config.data, loaded.tokenizer, system_prompt=config.model.system_prompt
     )
     logger.info("Data report:\n%s", prepared.report.to_markdown())
     return prepared

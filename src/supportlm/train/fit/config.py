@@ -27,11 +27,9 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import DTYPE_CHOICES, QUANTIZATION_CHOICES, check_choice, resolve_model
 from supportlm.prompts import DEFAULT_SYSTEM_PROMPT
 from supportlm.run_folder import TRAINING_CONFIG_FILE, RunFolder, default_output_dir
-from supportlm.train.continued import resolve_init_adapter
-from supportlm.train.data import DEFAULT_DATASET
-from supportlm.train.dataset import check_ratios
-from supportlm.train.lora import LoraArguments
-from supportlm.train.mixture import check_mixture
+from supportlm.train.data.arguments import DataArguments
+from supportlm.train.fit.continued import resolve_init_adapter
+from supportlm.train.fit.lora import LoraArguments
 
 
 @dataclass
@@ -86,93 +84,6 @@ class ModelArguments:
         # Resolving reads no weights but rejects a missing folder or file right away.
         resolve_model(self.model_name_or_path)
         resolve_init_adapter(self.init_adapter)
-
-
-@dataclass
-class DataArguments:
-    """Which conversations to train on, and how to cut them."""
-
-    dataset: str = field(
-        default=DEFAULT_DATASET,
-        metadata={
-            "help": "Training data: a .jsonl/.csv/.json file or a Hugging Face dataset id; "
-            "several, comma-separated (or a YAML list), train as one (supportlm.train.mixture)."
-        },
-    )
-    dataset_weights: str | None = field(
-        default=None,
-        metadata={
-            "help": "One weight per dataset, comma-separated (e.g. 1,0.5): scales each one's share "
-            "of the training split (0.5: a fixed half, 2: twice); validation and test unchanged."
-        },
-    )
-    replay_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "Original training data replayed beside new data (e.g. feedback), so old "
-            "skills are not forgotten; its validation and test questions are held out too."
-        },
-    )
-    replay_share: float = field(
-        default=0.5,
-        metadata={"help": "Share of the training split taken from replay_dataset."},
-    )
-    max_seq_length: int = field(
-        default=512,
-        metadata={
-            "help": "Longest conversation in tokens (system prompt and template included); longer "
-            "ones are dropped, never cut mid-answer. Also TRL's `max_length`."
-        },
-    )
-    validation_ratio: float = field(
-        default=0.1, metadata={"help": "Share of questions held out for early stopping."}
-    )
-    test_ratio: float = field(
-        default=0.1, metadata={"help": "Share of questions held out for finetune/evaluate.py."}
-    )
-    intent_share: float = field(
-        default=0.0,
-        metadata={
-            "help": "For this share of the training conversations that name an intent, also train "
-            "the intent question (answer: the intent name); evaluate.py scores it."
-        },
-    )
-    max_eval_examples: int | None = field(
-        default=96,
-        metadata={
-            "help": "Validation conversations scored at each evaluation: a fixed sample stratified "
-            "by intent, the same every time. Unset or 0: the whole validation split."
-        },
-    )
-    strict: bool = field(
-        default=False,
-        metadata={"help": "Fail on the first malformed record instead of skipping it."},
-    )
-    max_examples: int | None = field(
-        default=None,
-        metadata={"help": "Keep a deterministic sample of this many examples (quick runs)."},
-    )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute the loss on assistant answers only (labels -100 on system and user "
-            "turns); false trains on every token."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.max_seq_length < 16:
-            raise SupportLMError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
-        check_ratios(self.validation_ratio, self.test_ratio)
-        for name, least in (("max_eval_examples", 0), ("max_examples", 1)):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise SupportLMError(f"{name} must be at least {least}, got {value}.")
-        self.dataset, self.dataset_weights = check_mixture(self.dataset, self.dataset_weights)
-        if not 0 < self.replay_share < 1:
-            raise SupportLMError(f"replay_share must be in (0, 1), got {self.replay_share}.")
-        if self.replay_dataset:
-            check_mixture(self.replay_dataset, None)
 
 
 @dataclass
@@ -254,7 +165,7 @@ class TrainingArguments(SFTConfig):
         default=True,
         metadata={
             "help": "On a CPU, draw LoRA dropout masks four per 64-bit random number "
-            "(supportlm.train.trainer.CpuDropout): 2.9x cheaper than torch's bernoulli_, which "
+            "(supportlm.train.fit.trainer.CpuDropout): 2.9x cheaper than torch's bernoulli_, which "
             "took 15 percent of a training step; false keeps PEFT's nn.Dropout."
         },
     )
@@ -315,7 +226,7 @@ def _tensorboard_available() -> bool:
 
 @dataclass
 class TrainConfig:
-    """Everything `supportlm.train.trainer.train` needs, one object per concern."""
+    """Everything `supportlm.train.fit.trainer.train` needs, one object per concern."""
 
     model: ModelArguments
     data: DataArguments

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
-from supportlm.train.decoding import ENGINE_CHOICES
+from supportlm.train.judge.decoding import ENGINE_CHOICES
 
 SPLIT_CHOICES = ("auto", "test", "all")
 

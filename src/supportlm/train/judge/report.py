@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from supportlm.train.evaluation import METRICS, VARIANTS
+from supportlm.train.judge.evaluation import METRICS, VARIANTS
 
 
 def _format(value: float | None) -> str:
@@ -126,7 +126,7 @@ def write_report(report: dict[str, Any], output: str | Path) -> dict[str, Path]:
     plot_report(report, paths["plot"])
     intents = report.get("intents")
     if intents:
-        from supportlm.train.intent_eval import plot_confusion
+        from supportlm.train.judge.intents import plot_confusion
 
         variant = "tuned" if "tuned" in intents["predictions"] else "base"
         paths["intents"] = plot_confusion(

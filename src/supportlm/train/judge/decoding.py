@@ -43,14 +43,18 @@ class Decoder:
 
     def decode(
         self,
-        prompts: list[list[int]],
+        conversations: list[list[dict[str, str]]],
         settings: GenerationSettings,
         *,
         use_adapter: bool,
         desc: str = "Generating",
     ) -> list[StreamEvent]:
-        """The final event of each prompt's answer, in the order of `prompts`."""
-        requests = [self.engine.request(p, settings, use_adapter=use_adapter) for p in prompts]
+        """The final event of each conversation's answer (chat messages up to the question),
+        in the order of `conversations`."""
+        requests = [
+            self.engine.request(messages, settings, use_adapter=use_adapter)
+            for messages in conversations
+        ]
         with tqdm(total=len(requests), desc=desc, unit="answer") as progress:
 
             def generate(request) -> StreamEvent:

@@ -5,13 +5,14 @@ Both are evaluated on ONE loaded model: the PEFT adapter is switched off for "ba
 the adapter. Each held-out conversation is cut before its last assistant turn: everything before
 it (with the system prompt the adapter was trained with) is the prompt, and the last assistant
 message is the reference. Answers are decoded greedily through the app's own engine
-(`supportlm.train.decoding`: llama.cpp, many answers at once, where it is installed and the base
-is a GGUF file; else transformers), so what is measured is what users get. Perplexity is always
+(`supportlm.train.judge.decoding`: llama.cpp, many answers at once, where it is installed and the
+base is a GGUF file; else transformers), so what is measured is what users get. Perplexity is always
 computed with transformers.
 
 Which data, by default: the test split of the data the adapter was trained on. The adapter folder
-holds the data settings of its run (``training_config.yaml``), and splits are a hash of each
-first user message, so re-splitting with the same ratios gives exactly the held-out questions.
+holds the data settings of its run (``training_config.yaml``) and the hashes of the questions it
+held out (``split.json``, `RunFolder.split`): those are scored. Folders from before ``split.json``
+are re-split with the run's ratios (the split is a hash of each first user message).
 With ``--dataset`` another file is used: all of it when it is not the training data (the adapter
 never saw it), its test split when it is (the rest was trained on). ``--split`` overrides both.
 """
@@ -23,26 +24,28 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.engines.base import GenerationSettings
 from supportlm.errors import SupportLMError
-from supportlm.modeling import LoadedModel, adapter_base_model, load_model
+from supportlm.modeling import LoadedModel, load_model
 from supportlm.placeholders import ShopDetails, raw_placeholders
-from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, encode_chat, with_system_prompt
+from supportlm.prompts import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 from supportlm.run_folder import TRAINING_CONFIG_FILE, PromptStyle, RunFolder
-from supportlm.train.config import run_config
-from supportlm.train.data import DEFAULT_DATASET, Example
-from supportlm.train.dataset import prepare_dataset
-from supportlm.train.decoding import Decoder, open_decoder
-from supportlm.train.evaluation_args import EvaluationArguments
-from supportlm.train.intent_eval import intent_report
-from supportlm.train.metrics import answer_nll, latency_summary, pooled_perplexity, text_metrics
-from supportlm.train.mixture import dataset_sources
-from supportlm.train.sampling import sample_examples
+from supportlm.train.data.examples import Example
+from supportlm.train.fit.config import run_config
+from supportlm.train.judge.arguments import EvaluationArguments
+from supportlm.train.judge.decoding import Decoder, open_decoder
+from supportlm.train.judge.intents import intent_report
+from supportlm.train.judge.metrics import (
+    answer_nll,
+    latency_summary,
+    pooled_perplexity,
+    text_metrics,
+)
+from supportlm.train.judge.selection import EvaluationData, check_adapter, select_data
 
 logger = logging.getLogger(__name__)
 
@@ -56,117 +59,6 @@ METRICS: dict[str, bool] = {
     "latency_p95_s": False,
 }
 VARIANTS = ("base", "tuned")
-
-
-@dataclass
-class EvaluationData:
-    """The examples to evaluate and where they come from, in words for the report."""
-
-    examples: list[Example]
-    dataset: str
-    split: str  # "test" | "all"
-    reason: str
-    max_seq_length: int
-    num_available: int
-    #: The training split, for the intent baseline (TF-IDF + logistic regression).
-    train_examples: list[Example] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# What to evaluate
-# ---------------------------------------------------------------------------------------------
-
-
-def check_adapter(adapter: str) -> str | None:
-    """The base model `adapter` was trained on; raises if the adapter cannot be read."""
-    if not Path(adapter).expanduser().exists() and adapter.startswith((".", "/", "~")):
-        raise SupportLMError(f"Adapter folder {adapter} does not exist.")
-    try:
-        return adapter_base_model(adapter)
-    except SupportLMError as error:
-        if not Path(adapter).expanduser().exists():
-            raise SupportLMError(
-                f"Adapter folder {adapter} does not exist (and it is no Hub adapter that could be "
-                "downloaded); train one with finetune/train.py."
-            ) from error
-        raise
-
-
-def _same_dataset(a: str, b: str) -> bool:
-    """Whether two dataset settings name the same sources (paths compared resolved)."""
-
-    def key(name: str) -> str:
-        path = Path(name).expanduser()
-        return str(path.resolve()) if path.exists() else name.rstrip("/")
-
-    return sorted(map(key, dataset_sources(a))) == sorted(map(key, dataset_sources(b)))
-
-
-def select_data(
-    args: EvaluationArguments,
-    tokenizer: Any,
-    system_prompt: str,
-    training: Any,
-    context_length: int,
-) -> EvaluationData:
-    """Load and split the evaluation data as `args` asks; see the module docstring."""
-    trained_on = training.data.dataset if training else None
-    dataset = args.dataset or trained_on or DEFAULT_DATASET
-    is_training_data = trained_on is not None and _same_dataset(dataset, trained_on)
-    # The training run's ratios reproduce its split exactly; without one, the data module's
-    # defaults (those of a default training run) apply, and only the context length limits.
-    if is_training_data:
-        data_args = {
-            "validation_ratio": training.data.validation_ratio,
-            "test_ratio": training.data.test_ratio,
-            "max_seq_length": training.data.max_seq_length,
-        }
-    else:
-        data_args = {"max_seq_length": context_length}
-
-    split = args.split
-    if split == "auto":
-        split = "test" if args.dataset is None or is_training_data else "all"
-    if split == "test" and is_training_data:
-        reason = "held out from the adapter's training data (same ratios, same hash)"
-    elif split == "test":
-        reason = "by hash of the first user message, default ratios"
-    elif trained_on is None:
-        reason = "no training data recorded to hold out"
-    elif is_training_data:
-        reason = "INCLUDING those the adapter was trained on: scores are optimistic"
-        logger.warning("Evaluating on the adapter's own training data: %s", reason)
-    else:
-        reason = f"the adapter was trained on other data ({trained_on})"
-
-    prepared = prepare_dataset(
-        dataset, tokenizer, system_prompt=system_prompt, strict=False, **data_args
-    )
-    if split == "test":
-        examples = prepared.splits["test"]
-    else:
-        examples = [example for part in prepared.splits.values() for example in part]
-    if not examples:
-        raise SupportLMError(
-            f"The {split} split of {dataset} is empty; use a larger dataset or --split all."
-        )
-    available = len(examples)
-    if args.limit is not None:
-        examples = sample_examples(examples, args.limit)
-    return EvaluationData(
-        examples=examples,
-        dataset=str(dataset),
-        split=split,
-        reason=reason,
-        max_seq_length=data_args["max_seq_length"],
-        num_available=available,
-        train_examples=prepared.splits["train"],
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Running it
-# ---------------------------------------------------------------------------------------------
 
 
 def _adapter_switch(loaded: LoadedModel, use_adapter: bool):
@@ -227,7 +119,7 @@ def compare(
     tokenizer = loaded.tokenizer
     conversations = [with_system_prompt(example.messages, system_prompt) for example in examples]
     references = [conversation[-1]["content"] for conversation in conversations]
-    prompts = [encode_chat(tokenizer, conversation[:-1]) for conversation in conversations]
+    questions = [conversation[:-1] for conversation in conversations]
 
     nll: dict[str, list[tuple[float, int]]] = {}
     for variant in variants:
@@ -241,7 +133,7 @@ def compare(
     cut: dict[str, list[bool]] = {}
     for variant in variants:  # one variant after the other: an engine switches its adapter once
         events = decoder.decode(
-            prompts, settings, use_adapter=variant == "tuned", desc=f"Answers ({variant})"
+            questions, settings, use_adapter=variant == "tuned", desc=f"Answers ({variant})"
         )
         answers[variant] = [event.text.strip() for event in events]
         latencies[variant] = [event.elapsed for event in events]
@@ -334,7 +226,8 @@ def evaluation_inputs(args: EvaluationArguments) -> EvaluationInputs:
     loaded = load_model(model_spec or EMBEDDED_MODEL, adapter=args.adapter)
     style.apply(loaded.tokenizer)  # serve with the template the adapter was trained with
     context_length = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
-    data = select_data(args, loaded.tokenizer, style.system_prompt, training, context_length)
+    run = RunFolder(args.adapter) if training is not None else None
+    data = select_data(args, loaded.tokenizer, style.system_prompt, run, context_length)
     return EvaluationInputs(loaded, style.system_prompt, data, context_length)
 
 

@@ -30,7 +30,7 @@ from supportlm.errors import SupportLMError
 from supportlm.modeling import LoadedModel, load_model
 from supportlm.prompts import neutralize_special_tokens, save_prompt_style, with_system_prompt
 from supportlm.run_folder import INTENT_QUESTIONS_FILE, METRICS_FILE, RunFolder, writing
-from supportlm.train.continued import lineage, resolve_init_adapter
+from supportlm.train.fit.continued import lineage, resolve_init_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def prepare_rows(rows: list[dict], system_prompt: str, tokenizer) -> list[dict[s
 
 def load_policy(parent: RunFolder) -> LoadedModel:
     """The base model with the parent adapter, trainable, and the adapter's chat template."""
-    from supportlm.train.run import physical_cores
+    from supportlm.train.fit.run import physical_cores
 
     loaded = load_model(
         parent.base_model() or EMBEDDED_MODEL, adapter=str(parent.path), is_trainable=True

@@ -1,6 +1,6 @@
 """A new adapter against the one it should replace (``finetune/evaluate.py --against OLD``).
 
-Both adapters are scored the same way, greedy, through the app's engine (`train.decoding`):
+Both adapters are scored the same way, greedy, through the app's engine (`train.judge.decoding`):
 
 * on the **held-out test split** of the data the old adapter's line was trained on (the old
   run's ``training_config.yaml``, or its nearest ancestor's for a run that has none, e.g. a
@@ -22,14 +22,15 @@ from typing import Any
 
 from supportlm.errors import SupportLMError
 from supportlm.modeling import load_model, load_tokenizer
-from supportlm.prompts import encode_chat, with_system_prompt
+from supportlm.prompts import with_system_prompt
 from supportlm.run_folder import RunFolder
-from supportlm.train.config import run_config
-from supportlm.train.data import Example, load_examples
-from supportlm.train.decoding import open_decoder
-from supportlm.train.evaluation import answer_scores, check_adapter, select_data
-from supportlm.train.evaluation_args import EvaluationArguments
-from supportlm.train.metrics import answer_nll, rouge_l, text_metrics
+from supportlm.train.data.examples import Example, load_examples
+from supportlm.train.fit.config import run_config
+from supportlm.train.judge.arguments import EvaluationArguments
+from supportlm.train.judge.decoding import open_decoder
+from supportlm.train.judge.evaluation import answer_scores
+from supportlm.train.judge.metrics import answer_nll, rouge_l, text_metrics
+from supportlm.train.judge.selection import check_adapter, select_data
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ def answers_of(adapter: str, base: str, args, groups: dict[str, list[Example]]) 
     try:
         for name, examples in groups.items():
             conversations = [with_system_prompt(e.messages, style.system_prompt) for e in examples]
-            prompts = [encode_chat(loaded.tokenizer, c[:-1]) for c in conversations]
-            events = decoder.decode(prompts, settings, use_adapter=True, desc=f"{name} ({adapter})")
+            questions = [conversation[:-1] for conversation in conversations]
+            events = decoder.decode(
+                questions, settings, use_adapter=True, desc=f"{name} ({adapter})"
+            )
             nll = answer_nll(
                 loaded.model, loaded.tokenizer, conversations, batch_size=args.batch_size
             )
@@ -122,7 +125,7 @@ def compare_adapters(args: EvaluationArguments) -> dict[str, Any]:
     source = held_out_run(old_run)
     style = source.prompt_style()
     tokenizer = style.apply(load_tokenizer(base))  # the split needs token counts, not the model
-    data = select_data(args, tokenizer, style.system_prompt, run_config(source), 2048)
+    data = select_data(args, tokenizer, style.system_prompt, source, 2048)
     feedback_file = args.feedback or default_feedback(new_run)
     groups = {"test": data.examples, "feedback": read_feedback(feedback_file)}
     groups = {name: examples for name, examples in groups.items() if examples}

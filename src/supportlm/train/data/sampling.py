@@ -1,7 +1,7 @@
 """Fixed samples of examples: the same examples on every run, chosen by content hash.
 
-Both data preparation (`supportlm.train.dataset`) and the mixture weights
-(`supportlm.train.mixture`) sample, so the sampling sits below both of them.
+Both data preparation (`supportlm.train.data.dataset`) and the mixture weights
+(`supportlm.train.data.mixture`) sample, so the sampling sits below both of them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 
 from supportlm.errors import SupportLMError
-from supportlm.train.data import Example
+from supportlm.train.data.examples import Example
 
 
 def sha256_text(text: str) -> str:

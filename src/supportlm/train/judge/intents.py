@@ -48,7 +48,6 @@ def baseline_predictions(train: Sequence[Any], test: Sequence[Any]) -> list[str]
 
 def model_intents(
     decoder: Any,
-    tokenizer: Any,
     examples: Sequence[Any],
     labels: Sequence[str],
     system_prompt: str,
@@ -58,14 +57,11 @@ def model_intents(
     """The intents the model names for `examples`' questions (greedy, a few tokens)."""
     from supportlm.engines.base import GenerationSettings
     from supportlm.intents import parse_intent
-    from supportlm.prompts import encode_chat, intent_messages
+    from supportlm.prompts import intent_messages
 
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
-    prompts = [
-        encode_chat(tokenizer, intent_messages(e.first_user_message, labels, system_prompt))
-        for e in examples
-    ]
-    events = decoder.decode(prompts, settings, use_adapter=tuned, desc="Intents")
+    questions = [intent_messages(e.first_user_message, labels, system_prompt) for e in examples]
+    events = decoder.decode(questions, settings, use_adapter=tuned, desc="Intents")
     return [parse_intent(event.text, labels) for event in events]
 
 
@@ -83,7 +79,7 @@ def intent_report(
     predictions = {"baseline": baseline_predictions(train, test)}
     for variant in ("base", "tuned") if loaded.adapter is not None else ("base",):
         predictions[variant] = model_intents(
-            decoder, loaded.tokenizer, test, labels, system_prompt, tuned=variant == "tuned"
+            decoder, test, labels, system_prompt, tuned=variant == "tuned"
         )
     return {
         "labels": labels,

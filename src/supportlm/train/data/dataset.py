@@ -12,25 +12,28 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from supportlm.errors import SupportLMError
 from supportlm.prompts import IGNORE_INDEX, tokenize_conversation, with_system_prompt
-from supportlm.train.data import SPLITS, Example
-from supportlm.train.data_report import DataReport
-from supportlm.train.mixture import (
+from supportlm.train.data.examples import SPLITS, Example
+from supportlm.train.data.mixture import (
     dataset_sources,
     dataset_weights,
     load_mixture,
     weigh,
     with_replay,
 )
-from supportlm.train.sampling import sample_examples, sha256_text
+from supportlm.train.data.report import DataReport
+from supportlm.train.data.sampling import sample_examples, sha256_text
+
+if TYPE_CHECKING:  # the arguments module imports `check_ratios` from here
+    from supportlm.train.data.arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,12 @@ def limit_length(
 # ---------------------------------------------------------------------------------------------
 
 
+def question_hash(example: Example) -> str:
+    """SHA-256 of the example's first user message, normalised and case-folded: what decides
+    its split, and what a run folder records of each held-out question (``split.json``)."""
+    return sha256_text(normalize_text(example.first_user_message).casefold())
+
+
 def assign_split(
     example: Example, *, validation_ratio: float = 0.1, test_ratio: float = 0.1
 ) -> str:
@@ -161,8 +170,7 @@ def assign_split(
     answer, or as the start of a longer conversation) always lands in the same split, whatever
     the other examples are and in whatever order they come.
     """
-    question = normalize_text(example.first_user_message).casefold()
-    fraction = int(sha256_text(question)[:16], 16) / 16**16
+    fraction = int(question_hash(example)[:16], 16) / 16**16
     if fraction < test_ratio:
         return "test"
     if fraction < test_ratio + validation_ratio:
@@ -192,6 +200,29 @@ def check_ratios(validation_ratio: float, test_ratio: float) -> None:
             f"validation_ratio ({validation_ratio}) and test_ratio ({test_ratio}) must each be "
             "between 0 and 1 and leave some examples for training."
         )
+
+
+def held_out_questions(splits: dict[str, list[Example]]) -> dict[str, list[str]]:
+    """The `question_hash` of every validation and test example, sorted: the split a run
+    records, so that evaluation reads which questions were held out instead of re-deriving it."""
+    return {
+        name: sorted({question_hash(example) for example in splits[name]})
+        for name in SPLITS
+        if name != "train"
+    }
+
+
+def split_as_recorded(
+    splits: dict[str, list[Example]], recorded: dict[str, frozenset[str]]
+) -> dict[str, list[Example]]:
+    """`splits` re-cut by the question hashes a run recorded (`held_out_questions`): what the
+    run held out stays held out even if the ratios or the hashing rule have changed since."""
+    regrouped: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for example in (example for part in splits.values() for example in part):
+        key = question_hash(example)
+        name = next((name for name, hashes in recorded.items() if key in hashes), "train")
+        regrouped[name].append(example)
+    return regrouped
 
 
 @dataclass
@@ -230,45 +261,39 @@ def intent_questions(examples: list[Example], share: float) -> list[Example]:
 
 
 def prepare_dataset(
-    source: str | Path | Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    system_prompt: str | None,
-    max_seq_length: int,
-    validation_ratio: float = 0.1,
-    test_ratio: float = 0.1,
-    strict: bool = False,
-    max_examples: int | None = None,
-    intent_share: float = 0.0,
-    weights: str | Sequence[float] | None = None,
-    replay: str | None = None,
-    replay_share: float = 0.5,
+    data: DataArguments, tokenizer: PreTrainedTokenizerBase, *, system_prompt: str | None
 ) -> PreparedDataset:
-    """Load, clean, (optionally) sample and split `source`, and describe it in a `DataReport`.
+    """Load, clean, (optionally) sample and split `data.dataset`, and describe it in a
+    `DataReport`.
 
-    `max_examples` keeps a deterministic sample (`sample_examples`) before tokenising, for quick
-    runs; it is taken after de-duplication so it really holds that many distinct examples.
-    `replay` is loaded with the sources and makes up `replay_share` of the training split
-    (`supportlm.train.mixture.with_replay`).
+    `data.max_examples` keeps a deterministic sample (`sample_examples`) before tokenising, for
+    quick runs; it is taken after de-duplication so it really holds that many distinct examples.
+    `data.replay_dataset` is loaded with the sources and makes up `data.replay_share` of the
+    training split (`supportlm.train.data.mixture.with_replay`).
     """
-    check_ratios(validation_ratio, test_ratio)
-    sources = dataset_sources(str(source) if isinstance(source, Path) else source)
-    source_weights = dataset_weights(weights, sources)
-    examples, load_stats = load_mixture(sources + ([replay] if replay else []), strict=strict)
+    max_seq_length, replay = data.max_seq_length, data.replay_dataset
+    sources = dataset_sources(data.dataset)
+    source_weights = dataset_weights(data.dataset_weights, sources)
+    examples, load_stats = load_mixture(sources + ([replay] if replay else []), strict=data.strict)
     examples, clean_stats = clean_examples(examples)
     not_sampled = 0
-    if max_examples is not None:
-        sample = sample_examples(examples, max_examples)
+    if data.max_examples is not None:
+        sample = sample_examples(examples, data.max_examples)
         not_sampled = len(examples) - len(sample)
         examples = sample
     examples = limit_length(examples, clean_stats, tokenizer, system_prompt, max_seq_length)
     _check_not_empty(examples, clean_stats, max_seq_length)
-    splits = split_examples(examples, validation_ratio=validation_ratio, test_ratio=test_ratio)
-    splits["train"] = with_replay(
-        splits["train"], replay, replay_share, lambda part: weigh(part, sources, source_weights)
+    splits = split_examples(
+        examples, validation_ratio=data.validation_ratio, test_ratio=data.test_ratio
     )
-    if intent_share:
-        extra = intent_questions(splits["train"], intent_share)
+    splits["train"] = with_replay(
+        splits["train"],
+        replay,
+        data.replay_share,
+        lambda part: weigh(part, sources, source_weights),
+    )
+    if data.intent_share:
+        extra = intent_questions(splits["train"], data.intent_share)
         extra = limit_length(extra, clean_stats, tokenizer, system_prompt, max_seq_length)
         splits["train"] = splits["train"] + extra
         logger.info("Added %d intent questions to the training split.", len(extra))

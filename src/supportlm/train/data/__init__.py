@@ -1,0 +1,1 @@
+"""Data: read records into examples, clean, weigh, sample and split them, and report it."""

@@ -1,0 +1,1 @@
+"""Judging: base against tuned (or new against old) on held-out questions; metrics, report."""
