@@ -441,12 +441,24 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     report["machine"] = {
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
     return report
+
+
+def cpu_model() -> str:
+    """The CPU's name (``platform.processor()`` is empty on Linux): ratios depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def format_table(report: dict[str, Any]) -> str:

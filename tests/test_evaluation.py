@@ -13,8 +13,9 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from supportlm.engines import available_cpus, llamacpp
 from supportlm.prompts import save_prompt_style
-from supportlm.run_folder import RunFolder
+from supportlm.run_folder import SHIPPED_ADAPTER, RunFolder
 from supportlm.train.data.dataset import question_hash, split_examples
 from supportlm.train.data.examples import load_examples
 from supportlm.train.data.sampling import sample_examples
@@ -200,3 +201,32 @@ def test_llamacpp_engine_on_a_model_it_cannot_serve_is_a_clear_error(
     assert evaluate_main([*argv, "--engine", "llama.cpp"]) == 2
     error = capsys.readouterr().err
     assert "error: --engine=llama.cpp: the llama.cpp engine cannot serve here" in error
+
+
+def _without_timings(value):
+    """A report with every timing left out (seconds and rates differ from run to run)."""
+    if isinstance(value, dict):
+        return {
+            key: _without_timings(item)
+            for key, item in value.items()
+            if not (key.endswith("_s") or "latency" in key or "per_second" in key)
+        }
+    if isinstance(value, list):
+        return [_without_timings(item) for item in value]
+    return value
+
+
+@pytest.mark.skipif(not llamacpp.is_available(), reason="llama-cpp-python is not installed")
+def test_the_report_is_the_same_on_every_run(evaluate_main, tmp_path):
+    # The shipped adapter on the real SmolLM2, decoded by llama.cpp as the app serves it: greedy
+    # answers batched with others used to change with the batch (4 of 32 between two runs).
+    reports = []
+    for run in ("first", "second"):
+        output = tmp_path / f"{run}.json"
+        argv = ["--adapter", str(SHIPPED_ADAPTER), "--limit", "12", "--max_new_tokens", "48"]
+        assert evaluate_main([*argv, "--output", str(output)]) == 0
+        reports.append(json.loads(output.read_text()))
+    assert reports[0]["engine"]["name"] == "llama.cpp"
+    assert reports[0]["engine"]["concurrency"] == available_cpus()
+    assert _without_timings(reports[0]) == _without_timings(reports[1])
+    assert reports[0]["tuned"]["rougeL"] != reports[0]["base"]["rougeL"]  # real answers

@@ -5,11 +5,13 @@ Gradio in the UI package alone, and a module map generated from the tree."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from supportlm import figures
 from supportlm.reference import imports, module_name, module_table, modules
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "supportlm"
@@ -167,3 +169,13 @@ def test_every_surface_is_a_thin_adapter_over_the_assistant() -> None:
         if name.startswith("supportlm.serve.v1")
         for i in found
     )
+
+
+def test_the_readme_figures_are_written_from_their_bench_reports(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    speed, quality = figures.speed_table(), figures.quality_table()
+    assert speed in readme and quality in readme, "run: python -m supportlm.reference"
+    ct2_run = json.loads((figures.RESULTS / figures.SPEED_RUNS["ctranslate2"]).read_text())
+    assert f"| {ct2_run['app_streaming']['decode_tok_s']:.1f} |" in speed
+    evaluation = json.loads((figures.RESULTS / figures.QUALITY_RUNS[0]).read_text())
+    assert f"| {evaluation['tuned']['chrf']:.1f} |" in quality

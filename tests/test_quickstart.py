@@ -101,9 +101,11 @@ def test_the_quick_start_serves_the_shipped_adapter_then_the_fast_engine(newcome
     run(command.removesuffix(APP), clone, env, timeout_s=1200)
     shipped = RunFolder(SHIPPED_ADAPTER).adapter_version()
 
-    # As written: no llama.cpp in this venv, so the shipped adapter on transformers, and why.
+    # As written: no llama.cpp in this venv, so the shipped adapter on the compile-free
+    # CTranslate2 engine, and why.
     info, reply = start_and_ask(clone, env, clone / "app-plain.log")
-    assert info["engine"] == "transformers" and "llama-cpp-python is not installed" in info["why"]
+    assert info["engine"] == "ctranslate2", info
+    assert "llama-cpp-python is not installed" in info["why"] and "no compiler" in info["why"]
     assert (info["adapter"], info["adapter_version"]) == (SHIPPED_ADAPTER.name, shipped)
     assert info["adapter_shipped"] and info["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "/" not in info["adapter"]  # a name, never a server path

@@ -68,7 +68,11 @@ def test_every_setting_is_in_exactly_one_group():
     [
         ("SUPPORTLM_CONCURRENCY", "0", "SUPPORTLM_CONCURRENCY must be at least 1, got 0"),
         ("SUPPORTLM_RATE_LIMIT", "-1", "SUPPORTLM_RATE_LIMIT must be at least 0"),
-        ("SUPPORTLM_BACKEND", "vllm", "'vllm' is not one of auto, llama.cpp, transformers, openai"),
+        (
+            "SUPPORTLM_BACKEND",
+            "vllm",
+            "'vllm' is not one of auto, llama.cpp, ctranslate2, transformers, openai",
+        ),
         ("SUPPORTLM_LLAMACPP_WEIGHTS", "q2", "'q2' is not one of auto, merged"),
         ("SUPPORTLM_ADAPTER_WATCH_S", "-5", "SUPPORTLM_ADAPTER_WATCH_S must be at least 0"),
     ],

@@ -7,7 +7,8 @@ parts in place; ``--check`` only reports the ones that differ (and a test runs i
 
 Generated today: the settings tables (``docs/settings.md``, from `supportlm.serve.settings`) and
 the module map (``docs/ARCHITECTURE.md``: each module's lines, its one job as the first
-paragraph of its docstring says it, and what it imports from supportlm, read with `ast`).
+paragraph of its docstring says it, and what it imports from supportlm, read with `ast`), and the
+README's speed and quality tables, from the bench reports in ``docs/results/`` (`figures`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
+from supportlm import figures
 from supportlm.serve.settings import GROUPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +118,12 @@ def module_table() -> str:
     return "\n".join(rows)
 
 
-GENERATORS: dict[str, Callable[[], str]] = {"settings": settings_table, "modules": module_table}
+GENERATORS: dict[str, Callable[[], str]] = {
+    "settings": settings_table,
+    "modules": module_table,
+    "speed": figures.speed_table,
+    "quality": figures.quality_table,
+}
 BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)
 
 

@@ -4,11 +4,13 @@ Serving (`supportlm.serve.plan` decides, `supportlm.serve.backends` builds) and 
 (`supportlm.train.judge.decoding`) both read this table, so they pick the same engine for the same
 model on the same machine, for the same reason. Adding an engine is one module with a
 ``build(options: EngineOptions) -> Engine`` function plus one `EngineSpec` line here (and its
-settings, if any, in `supportlm.serve.settings.EngineSettings`).
+settings, if any, in `supportlm.serve.settings.EngineSettings`); `supportlm.engines.ct2` was
+added so.
 
 ``auto`` takes the first engine, in table order, that may run on this device and can serve the
 model. The order is measured, not guessed: llama.cpp decodes a GGUF model on a CPU 2-3x faster
-than transformers ``generate`` (``bench/generation.py``, docs/benchmarks.md); on a GPU
+than transformers ``generate`` (5.4x with the adapter on a 2-core EPYC), CTranslate2 (a binary
+wheel, no compiler) 2.5x (``bench/generation.py``, docs/benchmarks.md); on a GPU
 transformers is the engine this package serves with.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 from supportlm.embedded import EMBEDDED_MODEL
 from supportlm.engines.base import Engine
+from supportlm.engines.ct2 import is_available as ct2_installed
 from supportlm.engines.llamacpp import is_available as llamacpp_installed
 from supportlm.errors import SupportLMError
 from supportlm.modeling import ModelSource, load_tokenizer
@@ -55,10 +58,22 @@ def _always(model: str) -> str | None:
     return None
 
 
+def _is_gguf(model: str) -> bool:
+    return model == EMBEDDED_MODEL or model.endswith(".gguf")
+
+
 def _llamacpp_cannot(model: str) -> str | None:
     if not llamacpp_installed():
-        return "llama-cpp-python is not installed, the fast CPU path (see the README)"
-    if not (model == EMBEDDED_MODEL or model.endswith(".gguf")):
+        return "llama-cpp-python is not installed, the fastest CPU path (see the README)"
+    if not _is_gguf(model):
+        return f"{model} is not a GGUF model"
+    return None
+
+
+def _ct2_cannot(model: str) -> str | None:
+    if not ct2_installed():
+        return "ctranslate2 is not installed (requirements.txt)"
+    if not _is_gguf(model):  # other models keep transformers, as before this engine
         return f"{model} is not a GGUF model"
     return None
 
@@ -78,6 +93,11 @@ ENGINES: dict[str, EngineSpec] = {
     "llama.cpp": EngineSpec(
         "supportlm.engines.llamacpp.engine", _llamacpp_cannot, ("cpu",),
         "a GGUF model on a CPU, where it is the fastest engine measured",
+    ),
+    "ctranslate2": EngineSpec(
+        "supportlm.engines.ct2", _ct2_cannot, ("cpu",),
+        "a GGUF model on a CPU without llama.cpp: a binary wheel, the fastest engine measured "
+        "that needs no compiler",
     ),
     "transformers": EngineSpec(
         "supportlm.engines.transformers", _always, ("cpu", "cuda", "mps"),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from supportlm.engines import available_cpus
 from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
 from supportlm.engines.llamacpp import WEIGHTS_CHOICES, is_available, quiet_llama_cpp_logs
 from supportlm.engines.llamacpp.gguf import (
@@ -23,14 +24,6 @@ from supportlm.run_folder import adapter_ref
 
 if TYPE_CHECKING:
     from supportlm.engines.registry import EngineOptions
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's CPU set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 class LlamaCppEngine(Engine):

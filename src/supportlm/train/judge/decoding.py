@@ -4,8 +4,8 @@
 it the way the app does: llama.cpp for a GGUF base model on a CPU (the adapter converted and
 applied exactly as served), else the transformers engine on the model already loaded for
 perplexity. `Decoder.decode` keeps an engine's every slot busy: with
-llama.cpp that is `max_concurrency` requests in flight, decoded together by its lanes; the
-transformers engine serves one request at a time, so there it is a plain loop.
+llama.cpp that is one request per lane (`open_decoder`: the same answers on every run); the
+transformers and CTranslate2 engines serve one request at a time, so there it is a plain loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from supportlm.engines import registry
+from supportlm.engines import available_cpus, registry
 from supportlm.engines.base import Engine, GenerationSettings, StreamEvent
 
 logger = logging.getLogger(__name__)
@@ -73,9 +73,17 @@ class Decoder:
 
 
 def open_decoder(
-    choice: str, loaded: Any, *, concurrency: int = 8, context_length: int = 2048
+    choice: str, loaded: Any, *, concurrency: int | None = None, context_length: int = 2048
 ) -> Decoder:
-    """The engine `choice` names for `loaded`, chosen by the app's rule (`registry.choose`)."""
+    """The engine `choice` names for `loaded`, chosen by the app's rule (`registry.choose`).
+
+    `concurrency` defaults to one request per CPU: llama.cpp then runs one sequence per lane, so
+    an answer's arithmetic never depends on which other answers share its batch, and the report
+    is the same on every run. Eight at once (two lanes of four) changed 4 of 32 greedy answers
+    between two runs, and was slower on 2 cores: 18.0 s against 13.8 s for those 32 answers
+    (docs/benchmarks.md, "Deterministic evaluation").
+    """
+    concurrency = concurrency or available_cpus()
     name, reason = registry.choose(choice, loaded.source.spec, loaded.device, "--engine")
     options = registry.EngineOptions(
         model=loaded.source.spec,
