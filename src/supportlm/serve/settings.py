@@ -82,8 +82,8 @@ class EngineSettings:
 
     backend: str = _setting(
         "SUPPORTLM_BACKEND", "auto",
-        "auto (llama.cpp for a GGUF model on a CPU when installed, else transformers), "
-        "transformers, llama.cpp or openai (a remote OpenAI-compatible server).",
+        "auto (for a GGUF model on a CPU: llama.cpp when installed, else ctranslate2; else "
+        "transformers), or one of them by name, or openai (a remote OpenAI-compatible server).",
         choices=BACKEND_CHOICES,
     )  # fmt: skip
     llamacpp_weights: str = _setting(

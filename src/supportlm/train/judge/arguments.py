@@ -84,9 +84,9 @@ class EvaluationArguments:
     engine: str = field(
         default="auto",
         metadata={
-            "help": "What decodes the answers: auto (llama.cpp, many at once, where it is "
-            "installed and the base is a GGUF file, as the app serves; else transformers), "
-            "llama.cpp or transformers. Perplexity is always computed with transformers.",
+            "help": "What decodes the answers: auto (the engine the app would serve with: for a "
+            "GGUF base on a CPU llama.cpp, one answer per CPU at once, else ctranslate2; else "
+            "transformers), or one by name. Perplexity is always computed with transformers.",
             "choices": list(ENGINE_CHOICES),
         },
     )

@@ -1,9 +1,9 @@
 """Decoding evaluation answers: on the app's fastest engine, many prompts at once.
 
 `open_decoder` picks the engine by the app's own rule (`supportlm.engines.registry`) and builds
-it the way the app does: llama.cpp for a GGUF base model on a CPU (the adapter converted and
-applied exactly as served), else the transformers engine on the model already loaded for
-perplexity. `Decoder.decode` keeps an engine's every slot busy: with
+it the way the app does: for a GGUF base model on a CPU llama.cpp (the adapter converted and
+applied exactly as served) or, without it, CTranslate2; else the transformers engine on the
+model already loaded for perplexity. `Decoder.decode` keeps an engine's every slot busy: with
 llama.cpp that is one request per lane (`open_decoder`: the same answers on every run); the
 transformers and CTranslate2 engines serve one request at a time, so there it is a plain loop.
 """

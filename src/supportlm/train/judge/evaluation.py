@@ -5,8 +5,8 @@ Both are evaluated on ONE loaded model: the PEFT adapter is switched off for "ba
 the adapter. Each held-out conversation is cut before its last assistant turn: everything before
 it (with the system prompt the adapter was trained with) is the prompt, and the last assistant
 message is the reference. Answers are decoded greedily through the app's own engine
-(`supportlm.train.judge.decoding`: llama.cpp, many answers at once, where it is installed and the
-base is a GGUF file; else transformers), so what is measured is what users get. Perplexity is always
+(`supportlm.train.judge.decoding`: the engine the app would pick, e.g. llama.cpp with one answer
+per CPU at once), so what is measured is what users get. Perplexity is always
 computed with transformers.
 
 Which data, by default: the test split of the data the adapter was trained on. The adapter folder
