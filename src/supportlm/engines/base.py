@@ -6,8 +6,7 @@ the engine encodes them itself through the one prompt module (`supportlm.prompts
 so no caller builds token ids and the prompt format lives in one place. A `GenerationRequest`
 carries the messages, their token ids, its settings, a request id and the adapter it wants
 (`AdapterRef`, or None for the base model). Every failure to generate is an `EngineError`. An
-engine
-subclass implements `Engine._stream` only; the base class owns what every engine must do the
+engine subclass implements `Engine._stream` only; the base class owns what every engine must do the
 same way: registering requests so `abort` can stop them, checking the adapter, cutting the reply
 at stop strings, stopping the model when the consumer goes away, and `generate` on top of
 `stream`.
@@ -164,6 +163,26 @@ class EventClock:
             request_id=self.request_id,
             prompt_tokens=self.prompt_tokens,
         )
+
+
+@dataclass
+class ReplyText:
+    """The text of a reply's token ids so far, for engines that receive tokens one by one.
+
+    The ids are detokenised whole each time (a token's text can depend on its neighbours), and a
+    trailing partial UTF-8 character is held back until its last byte arrives.
+    """
+
+    tokenizer: Any
+    text: str = ""
+
+    def update(self, token_ids: list[int], *, finished: bool = False) -> bool:
+        """Take the ids so far; True when `text` changed."""
+        decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if decoded == self.text or (not finished and decoded.endswith("\ufffd")):
+            return False
+        self.text = decoded
+        return True
 
 
 def final_event(events: Iterable[StreamEvent]) -> StreamEvent:

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from supportlm.cache import cached, file_stamp, short_hash
 from supportlm.engines import available_cpus
-from supportlm.engines.base import Engine, EngineError, EventClock, GenerationRequest, StreamEvent
+from supportlm.engines.base import (
+    Engine,
+    EngineError,
+    EventClock,
+    GenerationRequest,
+    ReplyText,
+    StreamEvent,
+)
 from supportlm.modeling import load_model, prepare_model_dir
 from supportlm.prompts import end_of_turn_token_ids
 from supportlm.run_folder import adapter_ref, compute_adapter_version
@@ -52,7 +59,7 @@ class CTranslate2Engine(Engine):
     name = "ctranslate2"
     max_concurrency = 1
 
-    def __init__(self, options: EngineOptions, *, threads: int = 0) -> None:
+    def __init__(self, options: EngineOptions) -> None:
         import ctranslate2
 
         super().__init__()
@@ -60,7 +67,7 @@ class CTranslate2Engine(Engine):
         self.tokenizer = options.tokenizer()
         self.context_length = options.context_length
         self.adapter = adapter_ref(options.adapter) if options.adapter else None
-        self.threads = threads or available_cpus()
+        self.threads = available_cpus()
         self.description = (
             f"CTranslate2 {ctranslate2.__version__} {COMPUTE_TYPE} · {options.source.display_name}"
             + (f" + {Path(options.adapter).name}" if options.adapter else "")
@@ -109,7 +116,7 @@ class CTranslate2Engine(Engine):
         clock = EventClock(request.request_id, len(request.prompt_ids))
         prompt = self.tokenizer.convert_ids_to_tokens(request.prompt_ids)
         ids: list[int] = []
-        text, reason = "", "stop"
+        reply, reason = ReplyText(self.tokenizer), "stop"
         with self._lock:
             generator = self._generator(request.adapter is not None)
             if request.settings.seed is not None:
@@ -124,10 +131,8 @@ class CTranslate2Engine(Engine):
                     if step.token_id in self._end_ids:
                         break
                     ids.append(step.token_id)
-                    decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    if decoded != text and not decoded.endswith("\ufffd"):  # whole characters
-                        text = decoded
-                        yield clock.event(text, len(ids))
+                    if reply.update(ids):
+                        yield clock.event(reply.text, len(ids))
                     if len(ids) >= request.settings.max_new_tokens:
                         reason = "length"
                         break
@@ -135,7 +140,8 @@ class CTranslate2Engine(Engine):
                 raise EngineError(f"CTranslate2 failed to generate: {error}") from error
             finally:
                 steps.close()
-        yield clock.event(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), reason)
+        reply.update(ids, finished=True)
+        yield clock.event(reply.text, len(ids), reason)
 
 
 def converted_model(options: EngineOptions, *, with_adapter: bool) -> Path:

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from supportlm.engines import available_cpus
-from supportlm.engines.base import AdapterRef, Engine, EventClock, GenerationRequest, StreamEvent
+from supportlm.engines.base import (
+    AdapterRef,
+    Engine,
+    EventClock,
+    GenerationRequest,
+    ReplyText,
+    StreamEvent,
+)
 from supportlm.engines.llamacpp import WEIGHTS_CHOICES, is_available, quiet_llama_cpp_logs
 from supportlm.engines.llamacpp.gguf import (
     cached_lora_gguf,
@@ -242,7 +249,7 @@ class LlamaCppEngine(Engine):
         )
         self._pool.dispatch(lane_request)
         token_ids: list[int] = []
-        text = ""
+        reply = ReplyText(self.tokenizer)
         finished: Finished | None = None
         # When the consumer goes away or an error comes back, `Engine.stream` sets the stop
         # event, which is this request's `cancel`: its lane then frees the slot.
@@ -250,13 +257,9 @@ class LlamaCppEngine(Engine):
             finished = self._take_tokens(lane_request.results, token_ids)
             if token_ids:
                 clock.first_token()
-            decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            # Hold back a trailing partial UTF-8 character until its last byte arrives.
-            if decoded != text and (finished or not decoded.endswith("\ufffd")):
-                text = decoded
-                if finished is None:
-                    yield clock.event(text, len(token_ids))
-        yield clock.event(text, len(token_ids), finished.reason)
+            if reply.update(token_ids, finished=finished is not None) and finished is None:
+                yield clock.event(reply.text, len(token_ids))
+        yield clock.event(reply.text, len(token_ids), finished.reason)
 
     @staticmethod
     def _take_tokens(results: queue.SimpleQueue, token_ids: list[int]) -> Finished | None:
